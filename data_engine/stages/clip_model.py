@@ -1,0 +1,308 @@
+"""The one open_clip loader, frame preprocessor and encoder shared by the CLIP-based stages.
+
+Aesthetic, embedding, category and semantic search all go through `load_open_clip`, so a model
+is built, loaded and described (provenance) the same way everywhere. Offline by design: the
+architecture comes from open_clip's bundled configs (e.g. "ViT-L-14", "ViT-B-32") or from a
+JSON config file registered with `open_clip.add_model_config`, and the weights from a local
+checkpoint file; no `pretrained=` tag is ever passed (that would try the model hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from data_engine.stages.base import StageError
+
+SEEDED_TEST_WEIGHTS_KEY = "stiv_seeded_test_weights"
+"""safetensors metadata key written by `tiny_models`: its value "true" marks random test weights."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ClipModelConfig:
+    """Which open_clip model a stage runs, and where its weights live (all local files)."""
+
+    model_name: str = "ViT-L-14"  # open_clip architecture name (bundled config or model_config_path's stem)
+    checkpoint_path: str = ""  # local open_clip checkpoint (.safetensors/.bin/.pt); required at stage start
+    model_config_path: str = ""  # optional JSON architecture config for a custom model ("" = bundled)
+    device: str = "cpu"  # torch device the model runs on ("cpu", "cuda", "cuda:1")
+    batch_size: int = 32  # frames per forward pass (frames)
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("clip.model_name: must not be empty")
+        if self.batch_size < 1:
+            raise ValueError(f"clip.batch_size: must be >= 1, got {self.batch_size}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"clip.device: expected 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and provenance
+
+
+def file_sha256_16(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """First 16 hex digits of a file's sha256 (streamed, so a 1.7 GB ViT-L-14 stays out of RAM)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def is_seeded_test_checkpoint(path: str | Path) -> bool:
+    """True when `tiny_models` wrote this file (its safetensors metadata says so)."""
+    if not str(path).endswith(".safetensors"):
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return metadata.get(SEEDED_TEST_WEIGHTS_KEY) == "true"
+
+
+def checkpoint_provenance(path: str | Path) -> dict[str, Any]:
+    """Path, size, hash and test-weights flag of one weights file, for a provenance column."""
+    path = Path(path)
+    return {
+        "checkpoint_path": str(path.resolve()),
+        "checkpoint_bytes": path.stat().st_size,
+        "checkpoint_sha256": file_sha256_16(path),
+        "seeded_test_weights": is_seeded_test_checkpoint(path),
+    }
+
+
+def require_file(path: str, key: str) -> Path:
+    """The path as a Path, or StageError naming the config `key` that sets it."""
+    if not path:
+        raise StageError(f"{key}: not set (point it at a local weights file)")
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise StageError(f"{key}: file not found: {resolved}")
+    return resolved
+
+
+def _register_model_config(model_name: str, config_path: Path, key: str) -> None:
+    """Make open_clip know `model_name` from a JSON file (its stem must be the model name)."""
+    if config_path.stem != model_name:
+        # open_clip names a registered config after its file stem; a mismatch would silently
+        # build a different architecture than the one the user named.
+        raise StageError(
+            f"{key}.model_config_path: file stem {config_path.stem!r} must equal "
+            f"{key}.model_name {model_name!r}"
+        )
+    wanted = json.loads(config_path.read_text())
+    known = open_clip.get_model_config(model_name)
+    if known is None:
+        open_clip.add_model_config(config_path)
+    elif known != wanted:
+        raise StageError(
+            f"{key}.model_config_path: {model_name!r} is already registered with a different "
+            f"architecture; rename the config file"
+        )
+
+
+def clip_embed_dim(model_name: str, model_config_path: str = "") -> int:
+    """Output embedding size of an open_clip architecture, read from its config (no weights)."""
+    if model_config_path:
+        return int(json.loads(Path(model_config_path).read_text())["embed_dim"])
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise StageError(f"unknown open_clip model {model_name!r}")
+    return int(cfg["embed_dim"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing: numpy frames -> normalised tensors, in batch, with torch ops
+
+
+class FramePreprocessor:
+    """(K, H, W, 3) uint8 RGB frames -> (K, 3, S, S) float tensor the image tower expects.
+
+    Follows the model's open_clip preprocess config (size, mean, std, interpolation, resize
+    mode) but runs on whole frame stacks with `F.interpolate` (antialiased, like PIL's resize)
+    instead of PIL image by image, which is several times faster for video.
+    """
+
+    def __init__(self, preprocess_cfg: dict[str, Any], device: str = "cpu") -> None:
+        size = preprocess_cfg.get("size", 224)
+        self.size_hw: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.mean = torch.tensor(preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+        self.std = torch.tensor(preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD))
+        self.interpolation: str = preprocess_cfg.get("interpolation", "bicubic")
+        self.resize_mode: str = preprocess_cfg.get("resize_mode", "shortest")
+        self.fill_color: int = int(preprocess_cfg.get("fill_color", 0))
+        self.device = torch.device(device)
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise StageError(f"unsupported open_clip interpolation {self.interpolation!r}")
+        if self.resize_mode not in ("shortest", "longest", "squash"):
+            raise StageError(f"unsupported open_clip resize_mode {self.resize_mode!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The preprocessing parameters, for provenance."""
+        return {
+            "image_size": list(self.size_hw),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
+
+    def _resize(self, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        x = F.interpolate(x, size=out_hw, mode=self.interpolation, antialias=True, align_corners=False)
+        return x.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clamps to the uint8 range too
+
+    def __call__(self, frames: np.ndarray) -> torch.Tensor:
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected (K, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()  # (K, 3, H, W)
+        in_h, in_w = x.shape[-2:]
+        out_h, out_w = self.size_hw
+        if self.resize_mode == "squash":
+            x = self._resize(x, (out_h, out_w))
+        elif self.resize_mode == "shortest":
+            # Resize the short side to the target, then centre-crop (open_clip's default).
+            scale = max(out_h / in_h, out_w / in_w)
+            new_hw = (max(out_h, round(in_h * scale)), max(out_w, round(in_w * scale)))
+            x = self._resize(x, new_hw)
+            top, left = (new_hw[0] - out_h) // 2, (new_hw[1] - out_w) // 2
+            x = x[..., top : top + out_h, left : left + out_w]
+        else:  # "longest": fit inside, pad the rest with fill_color (centred)
+            scale = min(out_h / in_h, out_w / in_w)
+            new_hw = (min(out_h, round(in_h * scale)), min(out_w, round(in_w * scale)))
+            x = self._resize(x, new_hw)
+            pad_h, pad_w = out_h - new_hw[0], out_w - new_hw[1]
+            pad = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+            x = F.pad(x, pad, value=float(self.fill_color))
+        x = x / 255.0
+        mean = self.mean.to(x.device).view(1, 3, 1, 1)
+        std = self.std.to(x.device).view(1, 3, 1, 1)
+        return (x - mean) / std  # (K, 3, S, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_open_clip(
+    model_name: str,
+    checkpoint_path: str,
+    *,
+    config_key: str,
+    model_config_path: str = "",
+    device: str = "cpu",
+) -> tuple[torch.nn.Module, FramePreprocessor, Any, dict[str, Any]]:
+    """Build an open_clip model offline and load its local checkpoint.
+
+    `config_key` is the dotted config prefix of these settings (e.g. "aesthetic.clip"): errors
+    name `<config_key>.checkpoint_path` / `<config_key>.model_config_path` so the user knows
+    which key to set. Returns (model in eval mode, frame preprocessor, tokenizer, provenance).
+    """
+    checkpoint = require_file(checkpoint_path, f"{config_key}.checkpoint_path")
+    provenance: dict[str, Any] = {"model_name": model_name}
+    if model_config_path:
+        config_file = require_file(model_config_path, f"{config_key}.model_config_path")
+        _register_model_config(model_name, config_file, config_key)
+        provenance["model_config_path"] = str(config_file.resolve())
+        provenance["model_config_sha256"] = file_sha256_16(config_file)
+    elif open_clip.get_model_config(model_name) is None:
+        raise StageError(
+            f"{config_key}.model_name: unknown open_clip architecture {model_name!r} "
+            f"(set {config_key}.model_config_path for a custom one)"
+        )
+
+    model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    try:
+        open_clip.load_checkpoint(model, str(checkpoint), strict=True)
+    except (RuntimeError, KeyError, ValueError) as err:
+        # A checkpoint for another architecture fails here with a long key/shape listing;
+        # say which setting is wrong first.
+        raise StageError(
+            f"{config_key}.checkpoint_path: {checkpoint} does not fit {model_name!r}: {err}"
+        ) from err
+    model = model.to(device).eval()
+    preprocess = FramePreprocessor(open_clip.get_model_preprocess_cfg(model), device=device)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    provenance.update(checkpoint_provenance(checkpoint))
+    provenance["preprocess"] = preprocess.describe()
+    return model, preprocess, tokenizer, provenance
+
+
+def load_clip_from_config(
+    cfg: ClipModelConfig, config_key: str
+) -> tuple[torch.nn.Module, FramePreprocessor, Any, dict[str, Any]]:
+    """`load_open_clip` with the fields of a `ClipModelConfig` found at `config_key`."""
+    return load_open_clip(
+        cfg.model_name,
+        cfg.checkpoint_path,
+        config_key=config_key,
+        model_config_path=cfg.model_config_path,
+        device=cfg.device,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+
+
+def even_frame_indices(num_available: int, num_wanted: int) -> np.ndarray:
+    """Indices of `num_wanted` frames spread evenly over `num_available` (all when 0 or more)."""
+    if num_wanted <= 0 or num_wanted >= num_available:
+        return np.arange(num_available)
+    return np.unique(np.round(np.linspace(0, num_available - 1, num_wanted)).astype(np.int64))
+
+
+@torch.inference_mode()
+def encode_frame_stacks(
+    model: torch.nn.Module,
+    preprocess: FramePreprocessor,
+    stacks: list[np.ndarray],
+    batch_size: int,
+) -> list[np.ndarray]:
+    """L2-normalised image embeddings, one (K_i, D) float32 array per (K_i, H, W, 3) stack.
+
+    Stacks may differ in size (clips of different videos); each is preprocessed as one batch,
+    then all frames go through the image tower together in chunks of `batch_size`.
+    """
+    if not stacks:
+        return []
+    pixels = torch.cat([preprocess(s) for s in stacks if len(s)], dim=0)  # (sum K, 3, S, S)
+    chunks = [
+        model.encode_image(pixels[i : i + batch_size], normalize=True)
+        for i in range(0, pixels.shape[0], batch_size)
+    ]
+    embeddings = torch.cat(chunks).float().cpu().numpy() if chunks else np.zeros((0, 0), np.float32)
+    out, start = [], 0
+    for s in stacks:
+        out.append(embeddings[start : start + len(s)])
+        start += len(s)
+    return out
+
+
+@torch.inference_mode()
+def encode_texts(model: torch.nn.Module, tokenizer: Any, texts: list[str]) -> np.ndarray:
+    """L2-normalised text embeddings (N, D) float32."""
+    device = next(model.parameters()).device
+    tokens = tokenizer(texts).to(device)
+    return model.encode_text(tokens, normalize=True).float().cpu().numpy()
+
+
+def normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def logit_scale_of(model: torch.nn.Module) -> float:
+    """CLIP's learned softmax temperature (exp of the stored log value), as a float."""
+    return float(model.logit_scale.exp().item())

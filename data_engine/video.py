@@ -1,0 +1,495 @@
+"""Video I/O: stable ids, opening local or object-store URIs, probing, and sampling clip frames.
+
+Every decode goes through PyAV with FFmpeg's own frame threading (`thread_type = "AUTO"`) and a
+deadline checked between packets, so an untrusted file can slow a worker down but never hang it.
+Failures are raised as `VideoError(stage, error_type, message)`; the pipeline turns them into
+quarantine rows.
+
+Rotation convention: `rotation_deg` is the clockwise rotation a player applies for display (the
+legacy mp4 `rotate` tag; a phone's portrait video stored landscape has 90). PyAV reports the
+display matrix as a counter-clockwise angle (`VideoFrame.rotation`), hence the sign flip below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlparse
+
+import av
+import av.error
+import numpy as np
+
+from data_engine.frames import ClipFrames
+
+DEFAULT_PROBE_TIMEOUT_S = 60.0
+# Packets read after a seek before we give up looking for a decodable frame near the end.
+_TAIL_CHECK_MAX_PACKETS = 600
+
+
+class VideoError(Exception):
+    """A video that cannot be probed, split or sampled; becomes one quarantine row.
+
+    stage:      "probe" | "split" | "sample"
+    error_type: short slug ("not_found", "empty_file", "invalid_container", "no_video_stream",
+                "unsupported_codec", "decode_error", "truncated", "timeout", "io_error", ...)
+    """
+
+    def __init__(self, stage: str, error_type: str, message: str):
+        super().__init__(f"{stage}/{error_type}: {message}")
+        self.stage = stage
+        self.error_type = error_type
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids and URIs
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_local(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    # A one-letter scheme is a Windows drive ("C:\\videos\\a.mp4"), not a URI.
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        uri = urlparse(uri).path
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def normalize_uri(uri: str) -> str:
+    """Local paths become absolute paths; other URIs are kept as given (opaque strings)."""
+    return _local_path(uri) if _is_local(uri) else uri
+
+
+def video_id_for(uri: str) -> str:
+    """Stable id of a video: first 16 hex chars of sha1(normalised URI)."""
+    return hashlib.sha1(normalize_uri(uri).encode("utf-8")).hexdigest()[:16]
+
+
+def clip_id_for(video_id: str, start_frame: int, end_frame: int) -> str:
+    """Stable id of a clip: first 16 hex chars of sha1("video_id:start:end"), end exclusive."""
+    key = f"{video_id}:{int(start_frame)}:{int(end_frame)}"
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
+# Lance / object_store style option names -> pyarrow.fs.S3FileSystem keyword arguments, so one
+# `storage_options` dict in the config serves both the Lance tables and the video reader.
+_S3_OPTION_ALIASES = {
+    "aws_access_key_id": "access_key",
+    "access_key_id": "access_key",
+    "aws_secret_access_key": "secret_key",
+    "secret_access_key": "secret_key",
+    "aws_session_token": "session_token",
+    "session_token": "session_token",
+    "aws_region": "region",
+    "region": "region",
+    "aws_endpoint": "endpoint_override",
+    "aws_endpoint_url": "endpoint_override",
+    "endpoint": "endpoint_override",
+    "endpoint_url": "endpoint_override",
+    "endpoint_override": "endpoint_override",
+    "access_key": "access_key",
+    "secret_key": "secret_key",
+}
+
+
+def _remote_filesystem(uri: str, storage_options: dict[str, Any] | None):
+    """(pyarrow FileSystem, path inside it) for an object-store URI."""
+    import pyarrow.fs as pafs
+
+    parsed = urlparse(uri)
+    if not storage_options:
+        return pafs.FileSystem.from_uri(uri)
+    path = parsed.netloc + parsed.path
+    if parsed.scheme in ("s3", "s3a"):
+        kwargs: dict[str, Any] = {}
+        for key, value in storage_options.items():
+            name = _S3_OPTION_ALIASES.get(key.lower())
+            if name is None:
+                continue  # options meant for other readers (e.g. Lance-only settings)
+            if name == "endpoint_override" and "://" in str(value):
+                scheme, _, rest = str(value).partition("://")
+                kwargs["scheme"] = scheme
+                value = rest
+            kwargs[name] = value
+        return pafs.S3FileSystem(**kwargs), path
+    if parsed.scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(**storage_options), path
+    fs, fs_path = pafs.FileSystem.from_uri(uri)
+    return fs, fs_path
+
+
+def open_input(uri: str, storage_options: dict[str, Any] | None = None) -> str | BinaryIO:
+    """What `av.open` should read: a local absolute path, or a seekable file object for an
+    object-store URI (s3://, gs://, ...). The caller closes a returned file object."""
+    if _is_local(uri):
+        return _local_path(uri)
+    fs, path = _remote_filesystem(uri, storage_options)
+    return fs.open_input_file(path)
+
+
+def _input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int | None:
+    """File size in bytes, None when it does not exist. Raises VideoError for I/O failures."""
+    try:
+        if _is_local(uri):
+            path = _local_path(uri)
+            return os.path.getsize(path) if os.path.isfile(path) else None
+        import pyarrow.fs as pafs
+
+        fs, path = _remote_filesystem(uri, storage_options)
+        file_info = fs.get_file_info(path)
+        if file_info.type != pafs.FileType.File:
+            return None
+        return int(file_info.size)
+    except OSError as err:
+        raise VideoError("probe", "io_error", f"{uri}: {err}") from err
+
+
+@contextmanager
+def _open_container(
+    uri: str, storage_options: dict[str, Any] | None, stage: str, timeout_s: float | None
+) -> Iterator[av.container.InputContainer]:
+    """av.open with our error mapping; closes the container and any remote file object."""
+    source = open_input(uri, storage_options)
+    container = None
+    try:
+        try:
+            # `timeout` bounds FFmpeg's blocking open/read calls (network protocols).
+            container = av.open(source, mode="r", timeout=timeout_s)
+        except av.error.FileNotFoundError as err:
+            raise VideoError(stage, "not_found", f"{uri}: {err}") from err
+        except (av.error.InvalidDataError, av.error.EOFError) as err:
+            raise VideoError(stage, "invalid_container", f"{uri}: {err}") from err
+        except av.error.FFmpegError as err:
+            raise VideoError(stage, "open_error", f"{uri}: {err}") from err
+        yield container
+    finally:
+        if container is not None:
+            container.close()
+        if not isinstance(source, str):
+            source.close()
+
+
+def _video_stream(
+    container: av.container.InputContainer, uri: str, stage: str
+) -> av.video.stream.VideoStream:
+    if not container.streams.video:
+        raise VideoError(stage, "no_video_stream", f"{uri}: the container has no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        raise VideoError(stage, "unsupported_codec", f"{uri}: no decoder for this video codec")
+    # Frame-and-slice threading inside FFmpeg: the decode itself uses every core we are given.
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _check_deadline(deadline: float | None, stage: str, uri: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise VideoError(stage, "timeout", f"{uri}: decoding exceeded its time budget")
+
+
+def _decode_frames(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    uri: str,
+    stage: str,
+    deadline: float | None,
+) -> Iterator[av.VideoFrame]:
+    """Every frame of `stream` in presentation order, checking the deadline between packets
+    and mapping FFmpeg errors to VideoError(stage, "decode_error")."""
+    try:
+        for packet in container.demux(stream):
+            _check_deadline(deadline, stage, uri)
+            yield from packet.decode()
+    except av.error.FFmpegError as err:
+        raise VideoError(stage, "decode_error", f"{uri}: {err}") from err
+
+
+def rotation_from_frame(frame: av.VideoFrame) -> int:
+    """Clockwise display rotation (0/90/180/270) from the frame's display matrix."""
+    counter_clockwise = int(round(frame.rotation or 0))
+    return int(round(-counter_clockwise / 90.0)) * 90 % 360
+
+
+def apply_rotation(image: np.ndarray, rotation_deg: int) -> np.ndarray:
+    """Rotate an (H, W, C) image clockwise by `rotation_deg` for display."""
+    if rotation_deg % 360 == 0:
+        return image
+    # np.rot90 turns counter-clockwise for positive k.
+    return np.ascontiguousarray(np.rot90(image, k=-(rotation_deg // 90)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoInfo:
+    """What the probe learns about a video (one `videos` row minus the pipeline's columns)."""
+
+    video_id: str
+    uri: str
+    duration_s: float  # seconds
+    fps: float  # average frame rate, frames per second
+    num_frames: int  # frames in the video stream
+    width: int  # display width in pixels, after rotation
+    height: int  # display height in pixels, after rotation
+    rotation_deg: int  # clockwise display rotation: 0 | 90 | 180 | 270
+    orientation: str  # "landscape" | "portrait" | "square", after rotation
+    codec: str  # decoder name, e.g. "h264"
+    bit_rate: int  # bits per second (0 when unknown)
+    has_audio: bool
+
+    @property
+    def coded_size(self) -> tuple[int, int]:
+        """(width, height) of the decoded pictures, before rotation."""
+        if self.rotation_deg in (90, 270):
+            return self.height, self.width
+        return self.width, self.height
+
+
+def orientation_for(width: int, height: int) -> str:
+    if width > height:
+        return "landscape"
+    if height > width:
+        return "portrait"
+    return "square"
+
+
+def _count_packets(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    uri: str,
+    deadline: float | None,
+) -> int:
+    """Frame count for containers that do not store it: one video packet per frame, counted by
+    demuxing only (no decoding), bounded by the deadline."""
+    count = 0
+    try:
+        for packet in container.demux(stream):
+            _check_deadline(deadline, "probe", uri)
+            if packet.size:
+                count += 1
+    except av.error.FFmpegError as err:
+        raise VideoError("probe", "decode_error", f"{uri}: {err}") from err
+    return count
+
+
+def _check_tail_decodes(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    duration_s: float,
+    uri: str,
+    deadline: float | None,
+) -> None:
+    """Seek to the last keyframe and decode one frame: catches files whose header promises
+    frames that were never written (a cut-off upload), at the cost of one seek."""
+    if stream.time_base is None or duration_s <= 0:
+        return
+    start_s = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+    target_pts = int((start_s + max(0.0, duration_s - 0.5)) / stream.time_base)
+    try:
+        container.seek(target_pts, stream=stream, backward=True, any_frame=False)
+        for packets_read, packet in enumerate(container.demux(stream)):
+            _check_deadline(deadline, "probe", uri)
+            if packet.decode():
+                return
+            if packets_read >= _TAIL_CHECK_MAX_PACKETS:
+                break
+    except av.error.FFmpegError as err:
+        raise VideoError("probe", "truncated", f"{uri}: the end does not decode: {err}") from err
+    raise VideoError("probe", "truncated", f"{uri}: no frame decodes near the end ({duration_s:.2f} s)")
+
+
+def probe(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    timeout_s: float = DEFAULT_PROBE_TIMEOUT_S,
+) -> VideoInfo:
+    """Read the metadata of one video and prove it decodes (first frame and last keyframe).
+
+    Raises VideoError(stage="probe") for anything that would fail later stages.
+    """
+    deadline = time.monotonic() + timeout_s
+    size = _input_size_bytes(uri, storage_options)
+    if size is None:
+        raise VideoError("probe", "not_found", f"{uri}: no such file")
+    if size == 0:
+        raise VideoError("probe", "empty_file", f"{uri}: the file is empty (0 bytes)")
+
+    with _open_container(uri, storage_options, "probe", timeout_s) as container:
+        stream = _video_stream(container, uri, "probe")
+        first_frame = next(_decode_frames(container, stream, uri, "probe", deadline), None)
+        if first_frame is None:
+            raise VideoError("probe", "decode_error", f"{uri}: no video frame decodes")
+        rotation_deg = rotation_from_frame(first_frame)
+
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if stream.duration and stream.time_base:
+            duration_s = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration_s = container.duration / av.time_base
+        else:
+            duration_s = 0.0
+        if stream.frames and stream.frames > 0:
+            num_frames = int(stream.frames)
+        else:
+            container.seek(0)
+            num_frames = _count_packets(container, stream, uri, deadline)
+        if not rate:
+            if duration_s <= 0:
+                raise VideoError("probe", "no_frame_rate", f"{uri}: neither rate nor duration")
+            rate = num_frames / duration_s
+        fps = float(rate)
+        if duration_s <= 0:
+            duration_s = num_frames / fps
+        if num_frames <= 0:
+            raise VideoError("probe", "decode_error", f"{uri}: the video stream has no frames")
+
+        _check_tail_decodes(container, stream, duration_s, uri, deadline)
+
+        coded_w, coded_h = first_frame.width, first_frame.height
+        width, height = (coded_h, coded_w) if rotation_deg in (90, 270) else (coded_w, coded_h)
+        bit_rate = stream.bit_rate or container.bit_rate or 0
+        return VideoInfo(
+            video_id=video_id_for(uri),
+            uri=uri,
+            duration_s=duration_s,
+            fps=fps,
+            num_frames=num_frames,
+            width=width,
+            height=height,
+            rotation_deg=rotation_deg,
+            orientation=orientation_for(width, height),
+            codec=stream.codec_context.name,
+            bit_rate=int(bit_rate),
+            has_audio=bool(container.streams.audio),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling frames per clip
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How frames are sampled from each clip, once, for every scorer."""
+
+    frames_per_clip: int = 4  # evenly spaced frames per clip (count)
+    motion_gap_frames: int = 2  # distance to each frame's optical-flow pair (frames)
+    max_side: int = 320  # long side of sampled frames (px); smaller videos are not upscaled
+    timeout_s: float = 300.0  # decode budget per video for sampling (seconds)
+
+    def __post_init__(self) -> None:
+        if self.frames_per_clip < 1:
+            raise ValueError("sampling.frames_per_clip: must be >= 1")
+        if self.motion_gap_frames < 1:
+            raise ValueError("sampling.motion_gap_frames: must be >= 1")
+        if self.max_side < 16:
+            raise ValueError("sampling.max_side: must be >= 16 px")
+        if self.timeout_s <= 0:
+            raise ValueError("sampling.timeout_s: must be > 0 seconds")
+
+
+def clip_sample_indices(start_frame: int, end_frame: int, cfg: SamplingConfig) -> list[tuple[int, int]]:
+    """(frame, pair frame) per sample for the clip [start_frame, end_frame).
+
+    Samples are spread evenly over the part of the clip whose pair still lies inside it; in a
+    clip shorter than the gap the pair is clamped to the clip's last frame.
+    """
+    if end_frame <= start_frame:
+        raise ValueError(f"empty clip [{start_frame}, {end_frame})")
+    last = end_frame - 1
+    last_start = max(start_frame, last - cfg.motion_gap_frames)
+    positions = np.linspace(start_frame, last_start, cfg.frames_per_clip)
+    pairs = []
+    for position in np.rint(positions).astype(int):
+        pairs.append((int(position), min(int(position) + cfg.motion_gap_frames, last)))
+    return pairs
+
+
+def sample_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) with the long side at most `max_side`, aspect kept, even numbers."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def sample_clip_frames(
+    uri: str,
+    info: VideoInfo,
+    clips: list[tuple[int, int]],
+    cfg: SamplingConfig,
+    storage_options: dict[str, Any] | None = None,
+    deadline: float | None = None,
+) -> list[ClipFrames]:
+    """Sampled frames for every clip of one video, in one sequential decoding pass.
+
+    Why sequential rather than seeking: frame numbers are counted exactly as the split stage
+    counts them (decoded frames, not timestamps, which drift on variable-frame-rate files), and
+    only the needed frames are converted to RGB, which is where the time goes after decoding.
+    Decoding stops after the last needed frame.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + cfg.timeout_s
+    per_clip = [clip_sample_indices(start, end, cfg) for start, end in clips]
+    needed = sorted({index for pairs in per_clip for pair in pairs for index in pair})
+    if not needed:
+        return []
+    coded_w, coded_h = info.coded_size
+    out_w, out_h = sample_size(coded_w, coded_h, cfg.max_side)
+
+    images: dict[int, np.ndarray] = {}
+    times: dict[int, float] = {}
+    want = set(needed)
+    last_needed = needed[-1]
+    with _open_container(uri, storage_options, "sample", cfg.timeout_s) as container:
+        stream = _video_stream(container, uri, "sample")
+        start_s = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        index = -1
+        for frame in _decode_frames(container, stream, uri, "sample", deadline):
+            index += 1
+            if index in want:
+                rgb = frame.to_ndarray(
+                    format="rgb24", width=out_w, height=out_h, interpolation="AREA"
+                )
+                images[index] = apply_rotation(rgb, info.rotation_deg)
+                times[index] = (
+                    float(frame.time) - start_s if frame.time is not None else index / info.fps
+                )
+            if index >= last_needed:
+                break
+    missing = want - images.keys()
+    if missing:
+        raise VideoError(
+            "sample",
+            "truncated",
+            f"{uri}: only {index + 1} frames decode, frame {min(missing)} is missing",
+        )
+
+    clip_frames = []
+    for pairs in per_clip:
+        frames = np.stack([images[first] for first, _ in pairs])  # (K, H, W, 3)
+        pair_frames = np.stack([images[second] for _, second in pairs])  # (K, H, W, 3)
+        times_s = np.array([times[first] for first, _ in pairs], dtype=np.float64)
+        pair_dt_s = np.array(
+            [times[second] - times[first] for first, second in pairs], dtype=np.float64
+        )
+        clip_frames.append(ClipFrames(frames, times_s, pair_frames, pair_dt_s))
+    return clip_frames
+
+
+def local_path_or_none(uri: str) -> Path | None:
+    """The local file behind `uri`, or None for object-store URIs (used by tools that need a
+    real path, e.g. the PySceneDetect CLI in benchmarks)."""
+    return Path(_local_path(uri)) if _is_local(uri) else None
