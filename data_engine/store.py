@@ -263,7 +263,9 @@ def _check_columns(ds: lance.LanceDataset, columns: list[str] | None, order_by: 
     names = set(ds.schema.names)
     for col in [*(columns or []), *([order_by] if order_by else [])]:
         if col not in names:
-            raise StoreError(f"--columns/--order-by: unknown column {col!r} (have: {', '.join(sorted(names))})")
+            raise StoreError(
+                f"--columns/--order-by: unknown column {col!r} (have: {', '.join(sorted(names))})"
+            )
 
 
 def _first_line(err: BaseException) -> str:

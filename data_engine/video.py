@@ -18,13 +18,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import av
 import av.error
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from data_engine.frames import ClipFrames
 
@@ -155,7 +155,7 @@ def _input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int |
 
 
 @contextmanager
-def _open_container(
+def open_container(
     uri: str, storage_options: dict[str, Any] | None, stage: str, timeout_s: float | None
 ) -> Iterator[av.container.InputContainer]:
     """av.open with our error mapping; closes the container and any remote file object."""
@@ -167,6 +167,9 @@ def _open_container(
             container = av.open(source, mode="r", timeout=timeout_s)
         except av.error.FileNotFoundError as err:
             raise VideoError(stage, "not_found", f"{uri}: {err}") from err
+        except av.error.ExitError as err:
+            # PyAV's `timeout` interrupts FFmpeg's blocking call with AVERROR_EXIT.
+            raise VideoError(stage, "timeout", f"{uri}: opening took over {timeout_s} s") from err
         except (av.error.InvalidDataError, av.error.EOFError) as err:
             raise VideoError(stage, "invalid_container", f"{uri}: {err}") from err
         except av.error.FFmpegError as err:
@@ -179,7 +182,7 @@ def _open_container(
             source.close()
 
 
-def _video_stream(
+def video_stream(
     container: av.container.InputContainer, uri: str, stage: str
 ) -> av.video.stream.VideoStream:
     if not container.streams.video:
@@ -197,7 +200,7 @@ def _check_deadline(deadline: float | None, stage: str, uri: str) -> None:
         raise VideoError(stage, "timeout", f"{uri}: decoding exceeded its time budget")
 
 
-def _decode_frames(
+def decode_frames(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     uri: str,
@@ -210,14 +213,16 @@ def _decode_frames(
         for packet in container.demux(stream):
             _check_deadline(deadline, stage, uri)
             yield from packet.decode()
+    except av.error.ExitError as err:
+        raise VideoError(stage, "timeout", f"{uri}: a read exceeded its time budget") from err
     except av.error.FFmpegError as err:
         raise VideoError(stage, "decode_error", f"{uri}: {err}") from err
 
 
 def rotation_from_frame(frame: av.VideoFrame) -> int:
     """Clockwise display rotation (0/90/180/270) from the frame's display matrix."""
-    counter_clockwise = int(round(frame.rotation or 0))
-    return int(round(-counter_clockwise / 90.0)) * 90 % 360
+    counter_clockwise = round(frame.rotation or 0)
+    return round(-counter_clockwise / 90.0) * 90 % 360
 
 
 def apply_rotation(image: np.ndarray, rotation_deg: int) -> np.ndarray:
@@ -308,7 +313,9 @@ def _check_tail_decodes(
                 break
     except av.error.FFmpegError as err:
         raise VideoError("probe", "truncated", f"{uri}: the end does not decode: {err}") from err
-    raise VideoError("probe", "truncated", f"{uri}: no frame decodes near the end ({duration_s:.2f} s)")
+    raise VideoError(
+        "probe", "truncated", f"{uri}: no frame decodes near the end ({duration_s:.2f} s)"
+    )
 
 
 def probe(
@@ -327,9 +334,9 @@ def probe(
     if size == 0:
         raise VideoError("probe", "empty_file", f"{uri}: the file is empty (0 bytes)")
 
-    with _open_container(uri, storage_options, "probe", timeout_s) as container:
-        stream = _video_stream(container, uri, "probe")
-        first_frame = next(_decode_frames(container, stream, uri, "probe", deadline), None)
+    with open_container(uri, storage_options, "probe", timeout_s) as container:
+        stream = video_stream(container, uri, "probe")
+        first_frame = next(decode_frames(container, stream, uri, "probe", deadline), None)
         if first_frame is None:
             raise VideoError("probe", "decode_error", f"{uri}: no video frame decodes")
         rotation_deg = rotation_from_frame(first_frame)
@@ -402,7 +409,9 @@ class SamplingConfig:
             raise ValueError("sampling.timeout_s: must be > 0 seconds")
 
 
-def clip_sample_indices(start_frame: int, end_frame: int, cfg: SamplingConfig) -> list[tuple[int, int]]:
+def clip_sample_indices(
+    start_frame: int, end_frame: int, cfg: SamplingConfig
+) -> list[tuple[int, int]]:
     """(frame, pair frame) per sample for the clip [start_frame, end_frame).
 
     Samples are spread evenly over the part of the clip whose pair still lies inside it; in a
@@ -453,16 +462,17 @@ def sample_clip_frames(
     times: dict[int, float] = {}
     want = set(needed)
     last_needed = needed[-1]
-    with _open_container(uri, storage_options, "sample", cfg.timeout_s) as container:
-        stream = _video_stream(container, uri, "sample")
+    with open_container(uri, storage_options, "sample", cfg.timeout_s) as container:
+        stream = video_stream(container, uri, "sample")
         start_s = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
         index = -1
-        for frame in _decode_frames(container, stream, uri, "sample", deadline):
+        reformatter = VideoReformatter()  # keeps one swscale context for the whole video
+        for frame in decode_frames(container, stream, uri, "sample", deadline):
             index += 1
             if index in want:
-                rgb = frame.to_ndarray(
-                    format="rgb24", width=out_w, height=out_h, interpolation="AREA"
-                )
+                rgb = reformatter.reformat(
+                    frame, width=out_w, height=out_h, format="rgb24", interpolation="AREA"
+                ).to_ndarray()
                 images[index] = apply_rotation(rgb, info.rotation_deg)
                 times[index] = (
                     float(frame.time) - start_s if frame.time is not None else index / info.fps
@@ -487,9 +497,3 @@ def sample_clip_frames(
         )
         clip_frames.append(ClipFrames(frames, times_s, pair_frames, pair_dt_s))
     return clip_frames
-
-
-def local_path_or_none(uri: str) -> Path | None:
-    """The local file behind `uri`, or None for object-store URIs (used by tools that need a
-    real path, e.g. the PySceneDetect CLI in benchmarks)."""
-    return Path(_local_path(uri)) if _is_local(uri) else None

@@ -62,7 +62,9 @@ def _coerce(value: Any, tp: Any, field_path: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{field_path}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{field_path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(v, a, f"{field_path}[{i}]") for i, (v, a) in enumerate(zip(args, value))
+            )
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{field_path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -105,7 +107,9 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})")
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})"
+        )
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -117,7 +121,11 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     except (ValueError, TypeError) as err:
         msg = str(err)
         if prefix and not msg.startswith(prefix):
-            msg = f"{prefix}.{msg}" if msg.split(":")[0].replace("_", "").isalnum() else f"{prefix}: {msg}"
+            msg = (
+                f"{prefix}.{msg}"
+                if msg.split(":")[0].replace("_", "").isalnum()
+                else f"{prefix}: {msg}"
+            )
         raise ConfigError(msg) from None
 
 

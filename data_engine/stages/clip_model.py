@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,26 @@ class FramePreprocessor:
 # Loading
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_model_quietly(model_name: str) -> torch.nn.Module:
+    """`open_clip.create_model` with random init, minus its "initialized randomly" warning.
+
+    We always load a checkpoint right after, so that warning would mislead anyone reading
+    the worker logs into thinking the scores come from random weights.
+    """
+    drop = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, device="cpu")
+    finally:
+        root.removeFilter(drop)
+
+
 def load_open_clip(
     model_name: str,
     checkpoint_path: str,
@@ -221,12 +242,12 @@ def load_open_clip(
             f"(set {config_key}.model_config_path for a custom one)"
         )
 
-    model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    model = create_model_quietly(model_name)
     try:
         open_clip.load_checkpoint(model, str(checkpoint), strict=True)
-    except (RuntimeError, KeyError, ValueError) as err:
-        # A checkpoint for another architecture fails here with a long key/shape listing;
-        # say which setting is wrong first.
+    except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+        # A checkpoint for another architecture fails here (open_clip asserts on resized
+        # position embeddings, torch lists missing keys); say which setting is wrong first.
         raise StageError(
             f"{config_key}.checkpoint_path: {checkpoint} does not fit {model_name!r}: {err}"
         ) from err

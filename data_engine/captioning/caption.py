@@ -1,0 +1,129 @@
+"""Caption stage: a video-language model describes each clip from its sampled frames.
+
+Frames are sent as images in one chat request per clip (STIV, data engine: a video LLM's
+captions hallucinate less than frame captions summarised by an LLM). The stage stores who made
+the caption (backend, model, prompt hash) and how long it took, so captions from two models or
+two prompts never get mixed up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from data_engine.captioning.backends import (
+    BackendConfig,
+    ChatBackend,
+    ChatRequest,
+    config_summary,
+    make_backend,
+    sample_frame_indices,
+    text_hash,
+)
+from data_engine.frames import ClipFrames
+
+DEFAULT_CAPTION_PROMPT = (
+    "These are frames sampled in order from one video clip. Describe the video in detail: the "
+    "main subjects and their appearance, what they do, how the camera moves, and the setting. "
+    "Describe only what is visible. Answer in one paragraph."
+)
+
+
+@dataclass
+class CaptionConfig(BackendConfig):
+    """The `caption` config section."""
+
+    section: ClassVar[str] = "caption"
+
+    prompt: str = DEFAULT_CAPTION_PROMPT  # instruction sent after the frames
+    frames_per_clip: int = 8  # frames sent per clip, evenly spaced over the sampled ones
+    max_tokens: int = 256  # cap on caption length in tokens
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.prompt.strip():
+            raise ValueError("caption.prompt: must not be empty")
+        if self.frames_per_clip < 1:
+            raise ValueError(f"caption.frames_per_clip: must be >= 1, got {self.frames_per_clip}")
+        if self.max_tokens < 1:
+            raise ValueError(f"caption.max_tokens: must be >= 1, got {self.max_tokens}")
+
+
+class CaptionStage:
+    """Reads a clip's sampled frames; writes caption, caption_backend, caption_model,
+    caption_prompt_hash, caption_time_s and caption_provenance."""
+
+    name: ClassVar[str] = "caption"
+    output_schema: ClassVar[pa.Schema] = pa.schema(
+        [
+            ("caption", pa.string()),
+            ("caption_backend", pa.string()),  # "openai" | "local"
+            ("caption_model", pa.string()),  # served model name, or local directory name
+            ("caption_prompt_hash", pa.string()),  # sha256[:16] of the prompt text
+            ("caption_time_s", pa.float64()),  # wall seconds for this clip's request
+            ("caption_provenance", pa.string()),  # JSON: backend identity + sampling settings
+        ]
+    )
+
+    def __init__(self, config: CaptionConfig, backend: ChatBackend | None = None) -> None:
+        """Loads the model or opens the client once (in the Ray actor's constructor).
+
+        `backend` lets a caller share one already-loaded backend between stages.
+        """
+        self.config = config
+        self.backend = backend if backend is not None else make_backend(config)
+        self.prompt_hash = text_hash(config.prompt)
+        self._identity = self.backend.identity()
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            **self._identity,
+            **config_summary(self.config),
+            "prompt_hash": self.prompt_hash,
+            "frames_per_clip": self.config.frames_per_clip,
+            "max_tokens": self.config.max_tokens,
+        }
+
+    def request_for(self, clip: ClipFrames) -> ChatRequest:
+        """The chat request that captions one clip."""
+        idx = sample_frame_indices(len(clip.frames), self.config.frames_per_clip)
+        return ChatRequest(
+            prompt=self.config.prompt,
+            images=tuple(clip.frames[i] for i in idx),
+            max_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+        )
+
+    def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+        """One row per clip; a clip whose request failed gets {"error": ...} instead."""
+        rows: list[dict[str, Any]] = [{} for _ in clips]
+        todo = []
+        for i, clip in enumerate(clips):
+            if len(clip.frames) == 0:
+                rows[i] = {"error": "caption: clip has no sampled frames"}
+            else:
+                todo.append(i)
+        replies = self.backend.complete([self.request_for(clips[i]) for i in todo])
+        provenance = json.dumps(self.provenance(), sort_keys=True)
+        for i, reply in zip(todo, replies):
+            caption = (reply.text or "").strip()
+            if not reply.ok:
+                rows[i] = {"error": f"caption: {reply.error}"}
+            elif not caption:  # an empty caption is a failure, not a caption
+                rows[i] = {"error": "caption: model returned an empty caption"}
+            else:
+                rows[i] = {
+                    "caption": caption,
+                    "caption_backend": self._identity["backend"],
+                    "caption_model": self._identity["model"],
+                    "caption_prompt_hash": self.prompt_hash,
+                    "caption_time_s": reply.time_s,
+                    "caption_provenance": provenance,
+                }
+        return rows
+
+    def close(self) -> None:
+        self.backend.close()

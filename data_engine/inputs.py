@@ -1,0 +1,70 @@
+"""Turn `stiv curate INPUT...` into a list of video URIs.
+
+INPUT is a video file, a directory (searched recursively by video extension) or a `.txt`
+manifest of URIs (one per line, `#` comments). URIs stay opaque strings so object storage
+(`s3://...`) can flow through unchanged; local paths are made absolute so a video's id does
+not depend on the working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
+    ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".y4m",
+)  # fmt: skip
+
+
+@dataclass
+class ExpandedInputs:
+    uris: list[str] = field(default_factory=list)
+    """Video URIs in input order, without repeats."""
+    notes: list[str] = field(default_factory=list)
+    """Things the user should hear about that are not failures (an empty directory)."""
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def expand_inputs(
+    inputs: list[str], extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+) -> ExpandedInputs:
+    """Expand files, directories and manifests. A path that does not exist is kept as a URI so
+    the pipeline quarantines it with its reason instead of silently dropping it."""
+    out = ExpandedInputs()
+    seen: set[str] = set()
+
+    def add(uri: str) -> None:
+        if uri not in seen:
+            seen.add(uri)
+            out.uris.append(uri)
+
+    exts = tuple(e.lower() for e in extensions)
+    for item in inputs:
+        if _is_uri(item):
+            add(item)
+            continue
+        path = Path(item.removeprefix("file://")).expanduser().absolute()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+            if not found:
+                out.notes.append(f"no videos found in directory {path}")
+            for p in found:
+                add(str(p))
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            lines = [ln.strip() for ln in path.read_text().splitlines()]
+            entries = [ln for ln in lines if ln and not ln.startswith("#")]
+            if not entries:
+                out.notes.append(f"manifest {path} lists no videos")
+            for entry in entries:
+                if _is_uri(entry):
+                    add(entry)
+                else:
+                    p = Path(entry).expanduser()
+                    add(str(p if p.is_absolute() else (path.parent / p).absolute()))
+        else:
+            add(str(path))
+    return out

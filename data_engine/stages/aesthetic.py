@@ -1,0 +1,143 @@
+"""Aesthetic score: CLIP image embedding -> LAION improved-aesthetic-predictor MLP -> 1..10.
+
+Reads a clip's sampled frames; writes `aesthetic_score` (mean over `num_frames` evenly spread
+frames) and `aesthetic_provenance`. The head reproduces the public predictor
+(christophschuhmann/improved-aesthetic-predictor, `simple_inference.py`) layer for layer, so its
+published `sac+logos+ava1-l14-linearMSE.pth` (trained on ViT-L/14 embeddings, 768-d) loads as is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from data_engine.frames import ClipFrames
+from data_engine.stages.base import StageError
+from data_engine.stages.clip_model import (
+    ClipModelConfig,
+    checkpoint_provenance,
+    encode_frame_stacks,
+    even_frame_indices,
+    load_clip_from_config,
+    require_file,
+)
+
+
+@dataclass
+class AestheticConfig:
+    """Settings of the `aesthetic` stage."""
+
+    clip: ClipModelConfig = field(default_factory=ClipModelConfig)  # image encoder (ViT-L-14 for the LAION head)
+    head_path: str = ""  # local LAION aesthetic head state dict (.pth or .safetensors); required at start
+    num_frames: int = 4  # frames per clip scored, evenly spread over the sampled ones (0 = all)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip, dict):
+            self.clip = ClipModelConfig(**self.clip)
+        if self.num_frames < 0:
+            raise ValueError(f"aesthetic.num_frames: must be >= 0, got {self.num_frames}")
+
+
+class AestheticHead(nn.Module):
+    """The LAION improved-aesthetic-predictor MLP; keys `layers.{0,2,4,6,7}.{weight,bias}`.
+
+    Dropouts sit at indices 1, 3, 5 exactly as in the published model so the state-dict keys
+    match; they are inactive in eval mode.
+    """
+
+    def __init__(self, input_dim: int = 768) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised CLIP image embeddings -> (N,) scores (~1..10 for real weights)."""
+        return self.layers(embedding).squeeze(-1)
+
+
+def load_aesthetic_head(path: str, input_dim: int, key: str = "aesthetic.head_path") -> AestheticHead:
+    """Load a head state dict (published .pth or our .safetensors) for `input_dim` embeddings."""
+    head_file = require_file(path, key)
+    if head_file.suffix == ".safetensors":
+        state = load_file(str(head_file))
+    else:
+        state = torch.load(head_file, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    first = state.get("layers.0.weight")
+    if first is None:
+        raise StageError(f"{key}: {head_file} is not a LAION aesthetic head (no layers.0.weight)")
+    if first.shape[1] != input_dim:
+        raise StageError(
+            f"{key}: head expects {first.shape[1]}-d embeddings but the CLIP model gives "
+            f"{input_dim}-d (the published head needs ViT-L-14)"
+        )
+    head = AestheticHead(input_dim)
+    head.load_state_dict(state, strict=True)
+    return head.eval()
+
+
+class AestheticScorer:
+    """Reads sampled frames; writes `aesthetic_score` (mean over frames) and its provenance."""
+
+    name: ClassVar[str] = "aesthetic"
+    output_schema: ClassVar[pa.Schema] = pa.schema(
+        [("aesthetic_score", pa.float32()), ("aesthetic_provenance", pa.string())]
+    )
+
+    def __init__(self, cfg: AestheticConfig) -> None:
+        self.cfg = cfg
+        self.model, self.preprocess, _, clip_provenance = load_clip_from_config(
+            cfg.clip, "aesthetic.clip"
+        )
+        embed_dim = int(self.model.visual.output_dim)
+        self.head = load_aesthetic_head(cfg.head_path, embed_dim).to(cfg.clip.device)
+        head_provenance = checkpoint_provenance(cfg.head_path)
+        self._provenance = {
+            "clip": clip_provenance,
+            "head": head_provenance,
+            "num_frames": cfg.num_frames,
+            "frame_aggregation": "mean",
+            "seeded_test_weights": bool(
+                clip_provenance["seeded_test_weights"] or head_provenance["seeded_test_weights"]
+            ),
+        }
+        self._provenance_json = json.dumps(self._provenance, sort_keys=True)
+
+    def provenance(self) -> dict[str, Any]:
+        return self._provenance
+
+    @torch.inference_mode()
+    def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+        stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
+        embeddings = encode_frame_stacks(self.model, self.preprocess, stacks, self.cfg.clip.batch_size)
+        rows: list[dict[str, Any]] = []
+        for emb in embeddings:
+            if len(emb) == 0:
+                rows.append({"error": "aesthetic: clip has no sampled frames"})
+                continue
+            x = torch.from_numpy(emb).to(self.cfg.clip.device)  # (K, D), already unit norm
+            per_frame = self.head(x).float().cpu().numpy()  # (K,)
+            rows.append(
+                {
+                    "aesthetic_score": float(np.mean(per_frame)),
+                    "aesthetic_provenance": self._provenance_json,
+                }
+            )
+        return rows

@@ -1,0 +1,123 @@
+"""CLIP clip embedding and temporal consistency from the same per-frame embeddings.
+
+Reads a clip's sampled frames; writes `clip_embedding` (unit-norm mean of the per-frame
+embeddings, a fixed-size float32 list so Lance can index it), `temporal_consistency` (mean
+cosine similarity of consecutive sampled frames) and `embedding_provenance`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from data_engine.frames import ClipFrames
+from data_engine.stages.clip_model import (
+    ClipModelConfig,
+    encode_frame_stacks,
+    even_frame_indices,
+    load_clip_from_config,
+    normalize_rows,
+)
+
+
+@dataclass
+class EmbeddingConfig:
+    """Settings of the `embedding` stage."""
+
+    clip: ClipModelConfig = field(default_factory=ClipModelConfig)  # image encoder; `stiv query --text` reuses it
+    num_frames: int = 8  # frames per clip embedded, evenly spread over the sampled ones (0 = all)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.clip, dict):
+            self.clip = ClipModelConfig(**self.clip)
+        if self.num_frames < 0:
+            raise ValueError(f"embedding.num_frames: must be >= 0, got {self.num_frames}")
+        if self.num_frames == 1:
+            raise ValueError(
+                "embedding.num_frames: 1 frame leaves temporal_consistency undefined; use >= 2"
+            )
+
+
+def clip_embedding_of(frame_embeddings: np.ndarray) -> np.ndarray:
+    """(K, D) unit-norm frame embeddings -> (D,) unit-norm clip embedding (re-normalised mean)."""
+    return normalize_rows(frame_embeddings.mean(axis=0, keepdims=True))[0]
+
+
+def temporal_consistency_of(frame_embeddings: np.ndarray) -> float | None:
+    """Mean cosine similarity of consecutive frames; None for fewer than 2 frames (undefined).
+
+    1.0 for a static shot; drops when the content jumps (a cut inside the clip, a flash).
+    """
+    if len(frame_embeddings) < 2:
+        return None
+    cosines = np.sum(frame_embeddings[1:] * frame_embeddings[:-1], axis=1)  # (K-1,)
+    return float(np.mean(cosines))
+
+
+def embedding_schema(embed_dim: int) -> pa.Schema:
+    """Output columns for a `embed_dim`-wide CLIP model (fixed-size list: Lance vector index)."""
+    return pa.schema(
+        [
+            ("clip_embedding", pa.list_(pa.float32(), embed_dim)),
+            ("temporal_consistency", pa.float32()),
+            ("embedding_provenance", pa.string()),
+        ]
+    )
+
+
+class EmbeddingScorer:
+    """Reads sampled frames; writes `clip_embedding`, `temporal_consistency` and provenance.
+
+    The class-level `output_schema` has a variable-length embedding list because the width
+    depends on the model; an instance's `output_schema` has the fixed width of its model
+    (`embedding_schema(clip_embed_dim(...))` gives it without loading weights).
+    """
+
+    name: ClassVar[str] = "embedding"
+    output_schema: pa.Schema = pa.schema(
+        [
+            ("clip_embedding", pa.list_(pa.float32())),
+            ("temporal_consistency", pa.float32()),
+            ("embedding_provenance", pa.string()),
+        ]
+    )
+
+    def __init__(self, cfg: EmbeddingConfig) -> None:
+        self.cfg = cfg
+        self.model, self.preprocess, _, clip_provenance = load_clip_from_config(
+            cfg.clip, "embedding.clip"
+        )
+        self.embed_dim = int(self.model.visual.output_dim)
+        self.output_schema = embedding_schema(self.embed_dim)
+        self._provenance = {
+            "clip": clip_provenance,
+            "num_frames": cfg.num_frames,
+            "clip_embedding": "L2-normalised mean of L2-normalised frame embeddings",
+            "temporal_consistency": "mean cosine of consecutive sampled frames",
+            "seeded_test_weights": clip_provenance["seeded_test_weights"],
+        }
+        self._provenance_json = json.dumps(self._provenance, sort_keys=True)
+
+    def provenance(self) -> dict[str, Any]:
+        return self._provenance
+
+    def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+        stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
+        embeddings = encode_frame_stacks(self.model, self.preprocess, stacks, self.cfg.clip.batch_size)
+        rows: list[dict[str, Any]] = []
+        for emb in embeddings:
+            if len(emb) == 0:
+                rows.append({"error": "embedding: clip has no sampled frames"})
+                continue
+            rows.append(
+                {
+                    "clip_embedding": clip_embedding_of(emb).tolist(),
+                    "temporal_consistency": temporal_consistency_of(emb),
+                    "embedding_provenance": self._provenance_json,
+                }
+            )
+        return rows

@@ -1,0 +1,278 @@
+"""`stiv`: the one console script (CLI contract in shared/ARCHITECTURE.md).
+
+Exit codes: 0 when the job finished (even with quarantined inputs); 2 with one line on stderr
+when it could not run (bad config, bad filter, unreachable storage). Heavy modules are
+imported inside each command so `stiv --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from data_engine.config import load_curate_config
+    from data_engine.pipeline import run_curate
+
+    cfg = load_curate_config(args.config, args.set, args.stages)
+    if not args.inputs and args.stages is None:
+        raise CliError("curate: give INPUT videos/directories/manifests, or --stages to backfill")
+    summary = run_curate(args.inputs, args.db, cfg, address=args.address)
+    if args.format == "json":
+        print(json.dumps(summary.as_dict()))
+    else:
+        print(summary.render())
+    return 0
+
+
+def _database(args: argparse.Namespace):
+    from data_engine.store import Database
+
+    return Database(args.db)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from data_engine.store import StoreError, rows_to_json
+
+    db = _database(args)
+    if not db.has_table(args.table):
+        raise StoreError(
+            f"--table {args.table!r}: no such table in {db.uri} (have: {', '.join(db.tables()) or 'none'})"
+        )
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    if args.text:
+        from data_engine.stages.search import text_search_db
+
+        rows = text_search_db(
+            db, args.text, where=args.where, limit=args.limit or 10, columns=columns
+        )
+    elif args.count:
+        print(db.count(args.table, args.where))
+        return 0
+    else:
+        rows = db.query(args.table, args.where, columns, args.order_by, args.desc, args.limit)
+    if args.format == "json":
+        print(rows_to_json(rows))
+    elif args.format == "csv":
+        import pyarrow.csv as pacsv
+
+        printable = rows.select(
+            [n for n in rows.column_names if not _is_nested(rows.schema.field(n).type)]
+        )
+        pacsv.write_csv(printable, sys.stdout.buffer)
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _is_nested(tp) -> bool:
+    import pyarrow as pa
+
+    return (
+        pa.types.is_list(tp)
+        or pa.types.is_fixed_size_list(tp)
+        or pa.types.is_struct(tp)
+        or pa.types.is_binary(tp)
+    )
+
+
+def _print_table(rows) -> None:
+    names = [n for n in rows.column_names if not _is_nested(rows.schema.field(n).type)]
+    data = rows.select(names).to_pylist()
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        text = "" if v is None else str(v)
+        return text if len(text) <= 48 else text[:45] + "..."
+
+    cells = [[fmt(r[n]) for n in names] for r in data]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    print(f"({len(data)} rows)")
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    db = _database(args)
+    if args.snapshot_cmd == "create":
+        snap = db.create_snapshot(args.name, args.where, table=args.table)
+        print(
+            json.dumps(snap.__dict__)
+            if args.format == "json"
+            else f"snapshot {snap.name!r}: {snap.num_rows} rows of {snap.table} at version {snap.version} (where: {snap.where or 'all'})"
+        )
+    else:
+        snaps = db.list_snapshots()
+        if args.format == "json":
+            print(json.dumps({"snapshots": [s.__dict__ for s in snaps]}))
+        else:
+            for s in snaps:
+                print(
+                    f"{s.name}\t{s.table}@v{s.version}\t{s.num_rows} rows\twhere: {s.where or 'all'}"
+                )
+            if not snaps:
+                print("(no snapshots)")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from model.info import model_info
+
+    try:
+        info = model_info(args.preset)
+    except KeyError as err:
+        raise CliError(f"--preset: {err.args[0] if err.args else err}") from None
+    if args.format == "json":
+        print(json.dumps(info))
+    else:
+        print(f"preset:                      {args.preset}")
+        print(f"parameters:                  {info['parameters']:,}")
+        print(f"parameters_without_temporal: {info['parameters_without_temporal']:,}")
+        for name, count in info["components"].items():
+            print(f"  {name:<26} {count:,}")
+    return 0
+
+
+def cmd_dsg_report(args: argparse.Namespace) -> int:
+    from data_engine.captioning.report import dsg_report
+
+    db = _database(args)
+    rows = db.query("clips", args.where)
+    report = dsg_report(rows)
+    if args.format == "json":
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from training.prepare import run_prepare
+
+    summary = run_prepare(args.db, args.snapshot, args.config, args.set, address=args.address)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import run_train
+
+    summary = run_train(args.config, args.set, address=args.address, resume=args.resume)
+    print(json.dumps(summary))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# Parser
+# ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stiv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("curate", help="probe, split, score and store videos")
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="video file, directory or .txt manifest"
+    )
+    p.add_argument("--db", required=True, help="database directory or URI (s3://...)")
+    p.add_argument("--config", help="curation YAML (pipelines/curate*.yaml)")
+    p.add_argument("--stages", help="comma-separated stages; without INPUT: backfill them")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or embedded)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("query", help="filter, sort and print rows of a table")
+    p.add_argument("--db", required=True)
+    p.add_argument("--table", default="clips")
+    p.add_argument(
+        "--where", help='SQL filter, e.g. "aesthetic_score > 5 AND motion_score BETWEEN 2 AND 20"'
+    )
+    p.add_argument("--columns", help="comma-separated columns")
+    p.add_argument("--order-by")
+    p.add_argument("--desc", action="store_true")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--text", help="rank clips by CLIP text-to-clip similarity")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--count", action="store_true", help="print the number of matching rows")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("snapshot", help="create or list snapshots pinned to table versions")
+    ssub = p.add_subparsers(dest="snapshot_cmd", required=True)
+    c = ssub.add_parser("create")
+    c.add_argument("--db", required=True)
+    c.add_argument("--name", required=True)
+    c.add_argument("--where", default="")
+    c.add_argument("--table", default="clips")
+    c.add_argument("--format", choices=("table", "json"), default="table")
+    c = ssub.add_parser("list")
+    c.add_argument("--db", required=True)
+    c.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("model-info", help="parameter counts of a model preset")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("dsg-report", help="DSG-Video_i and DSG-Video_s over clips")
+    p.add_argument("--db", required=True)
+    p.add_argument("--where")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_dsg_report)
+
+    p = sub.add_parser("prepare", help="encode a snapshot's clips into a latents table")
+    p.add_argument("--db", required=True)
+    p.add_argument("--snapshot", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a STIV stage with Ray Train + DeepSpeed")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from data_engine.stages.base import StageError
+    from data_engine.store import StoreError
+    from stiv.config import ConfigError
+
+    return (CliError, ConfigError, StoreError, StageError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_errors() as err:
+        print(f"stiv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Prepare: snapshot clips -> bucketed latents with micro-conditions, through real Ray + Lance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_engine.store import Database
+from training.encoders import PixelEncoder
+from training.prepare import (
+    MICRO_COND_NAMES,
+    BucketConfig,
+    choose_bucket,
+    crop_and_resize,
+    crop_box,
+    decode_frames,
+    run_prepare,
+    window_frames,
+)
+
+
+def _config(tmp_path, text_path: str, body: str) -> str:
+    path = tmp_path / "prepare.yaml"
+    path.write_text(body.format(text=text_path))
+    return str(path)
+
+
+VIDEO_CFG = """
+latents_table: latents_video
+frame_stride: 3
+buckets:
+  - {{num_frames: 8, height: 32, width: 32}}
+  - {{num_frames: 8, height: 32, width: 48}}
+encoder: {{kind: pixel, pixel_patch: 4, text_path: {text}, text_max_length: 48}}
+encoder_num_cpus: 0.5
+decode_num_cpus: 0.5
+"""
+
+
+def test_prepare_pixel_video_buckets_micro_cond_and_resume(tmp_path, clips_db, tiny_encoders, ray_cluster):
+    """Guards the whole prepare contract: each clip lands in its aspect-closest bucket with one
+    fixed latent shape, the crop box/original size/stride survive as micro-conditions, pixel
+    latents decode back to the cropped frames, short/uncaptioned clips are skipped, and a rerun
+    adds nothing (resumable, no duplicates)."""
+    config = _config(tmp_path, tiny_encoders["text"], VIDEO_CFG)
+    summary = run_prepare(clips_db, "all", config)
+    assert summary["written"] == 3, summary
+    assert summary["skipped_too_short"] == 1 and summary["skipped_no_caption"] == 1
+    # 64x48 clips (aspect 1.33) go to the 48x32 bucket (1.5), not the square one.
+    assert summary["buckets"] == {"f8x32x48": 3}
+
+    db = Database(clips_db)
+    rows = db.table("latents_video").to_table().to_pylist()
+    encoder = PixelEncoder(4)
+    for row in rows:
+        assert row["latent_shape"] == [48, 8, 8, 12]
+        latents = np.frombuffer(row["latents"], np.float32).reshape(row["latent_shape"])
+        micro = dict(zip(MICRO_COND_NAMES, row["micro_cond"]))
+        # Original 48x64, aspect 1.5 crop: full width 64 -> height 43 (centred), stride 3.
+        assert micro == {
+            "orig_height": 48.0,
+            "orig_width": 64.0,
+            "crop_top": 2.0,
+            "crop_left": 0.0,
+            "crop_height": 43.0,
+            "crop_width": 64.0,
+            "frame_stride": 3.0,
+        }
+        length, dim = row["text_shape"]
+        mask = np.frombuffer(row["text_mask"], np.uint8)
+        assert mask.shape == (length,) and 0 < mask.sum() < length
+        assert np.frombuffer(row["text_pooled"], np.float32).shape == (dim,)
+        # The square is in the decoded frames: pixel latents invert exactly.
+        frames = encoder.decode(__import__("torch").from_numpy(latents.copy())[None])
+        assert frames.shape == (1, 3, 8, 32, 48)
+    meta = db.table("latents_video_meta").to_table().to_pylist()[0]
+    assert meta["latent_channels"] == 48 and meta["micro_cond_names"] == ",".join(MICRO_COND_NAMES)
+
+    again = run_prepare(clips_db, "all", config)
+    assert again["written"] == 0 and again["already_done"] == 3
+    assert db.table("latents_video").count_rows() == 3
+
+
+def test_prepare_tiny_vae_images(tmp_path, clips_db, tiny_encoders, ray_cluster):
+    """T2I data from single clip frames through the tiny AutoencoderKL loaded with
+    from_pretrained: latent shape (4, 1, H/2, W/2), stride micro-condition 0 for images."""
+    body = (
+        "latents_table: latents_image\nmode: image\n"
+        "buckets: [{{num_frames: 1, height: 16, width: 16}}]\n"
+        "encoder: {{kind: vae, vae_path: " + tiny_encoders["vae"] + ", text_path: {text}}}\n"
+        "encoder_num_cpus: 0.5\ndecode_num_cpus: 0.5\n"
+    )
+    summary = run_prepare(clips_db, "all", _config(tmp_path, tiny_encoders["text"], body))
+    # Image mode needs only one frame, so the short clip is usable too.
+    assert summary["written"] == 4 and summary["buckets"] == {"f1x16x16": 4}
+    row = Database(clips_db).table("latents_image").to_table().to_pylist()[0]
+    assert row["latent_shape"] == [4, 1, 8, 8]
+    assert row["micro_cond"][-1] == 0.0
+    assert np.isfinite(np.frombuffer(row["latents"], np.float32)).all()
+
+
+def test_bucket_choice_window_and_crop_boundaries():
+    """Boundaries of the plain functions: a clip exactly long enough fits, one frame shorter
+    does not; the window is centred; crops keep the bucket's aspect ratio."""
+    buckets = [BucketConfig(8, 32, 32), BucketConfig(4, 32, 32)]
+    assert choose_bucket(32, 32, 22, 3, buckets).num_frames == 8  # (8-1)*3+1 = 22
+    assert choose_bucket(32, 32, 21, 3, buckets).num_frames == 4
+    assert choose_bucket(32, 32, 9, 3, buckets) is None  # (4-1)*3+1 = 10
+    assert window_frames(0, 22, 8, 3) == [0, 3, 6, 9, 12, 15, 18, 21]
+    assert window_frames(10, 34, 8, 3) == [11, 14, 17, 20, 23, 26, 29, 32]
+    assert crop_box(720, 1280, 256, 256) == (0, 280, 720, 720)
+    frames = np.zeros((2, 720, 1280, 3), np.uint8)
+    out, micro = crop_and_resize(frames, BucketConfig(2, 256, 256))
+    assert out.shape == (2, 256, 256, 3) and micro == [720, 1280, 0, 280, 720, 720]
+
+
+def test_decode_frames_exact_indices(tmp_path):
+    """Seeking must land on the requested frame, not the keyframe before it: the square's
+    x position encodes the frame index."""
+    from tests.training.conftest import write_video
+
+    path = tmp_path / "v.mp4"
+    write_video(path, (255, 0, 0), 30)
+    frames = decode_frames(str(path), [0, 13, 27])
+    red_columns = [np.where(f[22, :, 0] > 200)[0] for f in frames]
+    assert [int(c.min()) for c in red_columns] == pytest.approx([2, 15, 29], abs=1)
+
+
+def test_micro_cond_names_match_model():
+    """Prepare writes micro-conditions in the order the model embeds them."""
+    config = pytest.importorskip("model.config")
+    assert config.MICRO_COND_NAMES == MICRO_COND_NAMES

@@ -1,0 +1,102 @@
+"""Checkpoint layout, discovery and EMA loading (for `init_from`, `stiv generate`, `stiv export`).
+
+A checkpoint is one directory that every Ray Train worker reports (LESSONS.md, Ray):
+    ds/state/...               DeepSpeed shards: model states (rank 0), each rank's optimizer
+                               partition (ZeRO) and the LR scheduler
+    ema.safetensors            fp32 EMA weights, complete (ZeRO <= 2 keeps full parameters on
+                               every rank, so rank 0's EMA is already consolidated)
+    model_config.json          STIVConfig.to_dict()
+    train_state.json           step, table version, seed, world size (the data position)
+    rng_rank{r}.pt             each rank's torch / numpy / python RNG state
+Ray Train stores them under the run directory as `checkpoint_*`; the latest is the one with the
+highest step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMA_FILE = "ema.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+TRAIN_STATE_FILE = "train_state.json"
+
+
+class CheckpointError(FileNotFoundError):
+    """No usable checkpoint where one was expected."""
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under a run directory, oldest first."""
+    found = []
+    for state_file in Path(run_dir).glob(f"**/{TRAIN_STATE_FILE}"):
+        ckpt = state_file.parent
+        if (ckpt / EMA_FILE).is_file() and (ckpt / MODEL_CONFIG_FILE).is_file():
+            step = int(json.loads(state_file.read_text())["step"])
+            found.append((step, ckpt))
+    return sorted(found, key=lambda item: (item[0], str(item[1])))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint with the highest step; raises CheckpointError when there is none."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise CheckpointError(f"{run_dir}: no checkpoint found (train it first, or check the path)")
+    return checkpoints[-1][1]
+
+
+def load_ema_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """(fp32 EMA state dict, STIVConfig) of a run's latest checkpoint."""
+    from safetensors.torch import load_file
+
+    from model.config import STIVConfig
+
+    ckpt = latest_checkpoint(run_dir)
+    config = STIVConfig.from_dict(json.loads((ckpt / MODEL_CONFIG_FILE).read_text()))
+    return load_file(str(ckpt / EMA_FILE)), config
+
+
+def load_ema_model(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """The latest checkpoint's EMA weights in a ready `STIV` (eval mode) and its config.
+
+    `run_dir` may also be an exported `.safetensors` file (`export_ema`)."""
+    from model.network import STIV
+
+    path = Path(run_dir)
+    if path.is_file():
+        state, config = load_exported(path)
+    else:
+        state, config = load_ema_state(path)
+    model = STIV(config)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), config
+
+
+def export_ema(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write the consolidated EMA weights + model config to one safetensors file."""
+    from safetensors.torch import save_file
+
+    state, config = load_ema_state(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    step = json.loads((ckpt / TRAIN_STATE_FILE).read_text())["step"]
+    metadata = {"stiv_config": json.dumps(config.to_dict()), "step": str(step), "source": str(ckpt)}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=metadata)
+    return {"out": str(out), "step": step, "parameters": sum(v.numel() for v in state.values())}
+
+
+def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """(state dict, STIVConfig) from a file written by `export_ema`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from model.config import STIVConfig
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+    if "stiv_config" not in metadata:
+        raise CheckpointError(f"{path}: not an exported STIV weights file (no stiv_config metadata)")
+    return load_file(str(path)), STIVConfig.from_dict(json.loads(metadata["stiv_config"]))

@@ -1,0 +1,591 @@
+"""`stiv prepare`: a snapshot's clips -> a latents table of fixed-shape training samples.
+
+Ray Data end to end (ARCHITECTURE.md, data flow):
+  snapshot rows (driver: bucket choice, resume filter)
+  -> decode + crop      CPU tasks: frames at the stage's stride, cropped and resized to a bucket
+  -> encode latents     actor pool: frozen VAE or pixel encoder, loaded once per actor
+  -> encode captions    actor pool: frozen CLIP text encoder, loaded once per actor
+  -> lance_ray.write_lance (append)
+
+Each bucket is one (num_frames, height, width) shape, so a training batch drawn from one bucket
+stacks without padding (LESSONS.md, Ray: bucket batching is ours to build). Latents and text
+embeddings are stored as raw bytes plus a shape (LESSONS.md, Lance). The crop box in original
+pixels, the original size and the frame stride are kept as micro-conditions
+(`model.config.MICRO_COND_NAMES`; STIV-RECIPE.md, singleton condition).
+
+A second table `<latents_table>_meta` (one row) records the encoders that produced the latents
+and the encoded empty prompt, which training uses for text dropout (STIV-RECIPE.md: the null
+text is the encoded empty string, not zeros).
+
+Resumable like curation: a rerun skips the clip_ids already in the latents table; a clip that
+cannot be decoded becomes a `quarantine` row (stage `prepare`) and is retried on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from data_engine.store import QUARANTINE, Database
+from stiv.config import load_config, save_config
+
+# Order of the micro-conditions in `micro_cond`; must equal model.config.MICRO_COND_NAMES
+# (a test checks it, so prepare and the model cannot drift apart).
+MICRO_COND_NAMES = (
+    "orig_height",
+    "orig_width",
+    "crop_top",
+    "crop_left",
+    "crop_height",
+    "crop_width",
+    "frame_stride",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+LATENTS_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),  # clips.clip_id, or a hash of the image path
+        ("caption", pa.string()),
+        ("bucket", pa.string()),  # "f{num_frames}x{height}x{width}" in pixels
+        ("num_frames", pa.int32()),  # pixel frames in the sample (1 = image)
+        ("height", pa.int32()),  # pixels
+        ("width", pa.int32()),  # pixels
+        ("latents", pa.binary()),  # storage dtype, C-order, shape latent_shape
+        ("latent_shape", pa.list_(pa.int32())),  # (C, T, h, w)
+        ("text_tokens", pa.binary()),  # storage dtype, shape text_shape
+        ("text_shape", pa.list_(pa.int32())),  # (L, D)
+        ("text_mask", pa.binary()),  # uint8 (L,), 1 on real tokens
+        ("text_pooled", pa.binary()),  # storage dtype (D,), the EOS token's embedding
+        ("micro_cond", pa.list_(pa.float32(), len(MICRO_COND_NAMES))),  # MICRO_COND_NAMES order
+    ]
+)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class BucketConfig:
+    """One training shape; every sample of a bucket has exactly this shape."""
+
+    num_frames: int = 8  # pixel frames per sample (1 = an image bucket for T2I)
+    height: int = 32  # pixels
+    width: int = 32  # pixels
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise ValueError("num_frames: must be >= 1")
+        if self.height < 8 or self.width < 8:
+            raise ValueError("height/width: must be >= 8 pixels")
+
+    @property
+    def key(self) -> str:
+        return f"f{self.num_frames}x{self.height}x{self.width}"
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen encoders (local directories only: no model hub here)."""
+
+    kind: Literal["pixel", "vae"] = "pixel"  # latent encoder: space-to-depth or AutoencoderKL
+    pixel_patch: int = 2  # space-to-depth block size in pixels (kind=pixel)
+    vae_path: str = ""  # local AutoencoderKL directory (kind=vae), e.g. sd-vae-ft-ema
+    text_path: str = ""  # local CLIP text model + tokenizer directory
+    text_max_length: int = 77  # tokens per caption (padded/truncated)
+    device: Literal["cpu", "cuda"] = "cpu"  # where the encoders run
+
+    def __post_init__(self) -> None:
+        if self.pixel_patch < 1:
+            raise ValueError("encoder.pixel_patch: must be >= 1")
+        if self.text_max_length < 2:
+            raise ValueError("encoder.text_max_length: must be >= 2 (BOS + EOS)")
+        if self.kind == "vae" and not self.vae_path:
+            raise ValueError("encoder.vae_path: required when encoder.kind is 'vae'")
+        if not self.text_path:
+            raise ValueError("encoder.text_path: a local CLIP text encoder directory is required")
+
+
+@dataclass
+class PrepareConfig:
+    """One training stage's data: which frames, at which shapes, through which encoders."""
+
+    snapshot: str = ""  # snapshot of the clips table to prepare (--snapshot overrides)
+    latents_table: str = "latents"  # output table in the same database
+    mode: Literal["video", "image"] = "video"  # video samples, or single frames for T2I
+    image_source: Literal["clips", "dir"] = "clips"  # image mode: middle frame of each clip, or a directory
+    image_dir: str = ""  # image mode with image_source=dir: images + same-stem .txt captions
+    frame_stride: int = 3  # keep one source frame of every `frame_stride` (paper: 3)
+    buckets: list[BucketConfig] = field(default_factory=lambda: [BucketConfig()])
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    caption_column: str = "caption"  # clips column holding the caption
+    storage_dtype: Literal["float32", "float16"] = "float32"  # latents/text bytes on disk
+    encode_batch_size: int = 8  # samples per encoder call
+    num_encoder_actors: int = 1  # actors per encoder pool (pre-sized: min == max)
+    encoder_num_cpus: float = 1.0  # CPUs reserved per encoder actor
+    decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+
+    def __post_init__(self) -> None:
+        if self.frame_stride < 1:
+            raise ValueError("frame_stride: must be >= 1")
+        if not self.latents_table or not self.latents_table.replace("_", "").isalnum():
+            raise ValueError("latents_table: use letters, digits and '_'")
+        if not self.buckets:
+            raise ValueError("buckets: at least one bucket is required")
+        for bucket in self.buckets:
+            if self.mode == "image" and bucket.num_frames != 1:
+                raise ValueError("buckets: image mode needs num_frames == 1 in every bucket")
+            if self.mode == "video" and bucket.num_frames < 2:
+                raise ValueError("buckets: video mode needs num_frames >= 2 in every bucket")
+        if len({b.key for b in self.buckets}) != len(self.buckets):
+            raise ValueError("buckets: duplicate bucket shapes")
+        if self.mode == "image" and self.image_source == "dir" and not self.image_dir:
+            raise ValueError("image_dir: required when image_source is 'dir'")
+        if self.encode_batch_size < 1:
+            raise ValueError("encode_batch_size: must be >= 1")
+        if self.num_encoder_actors < 1:
+            raise ValueError("num_encoder_actors: must be >= 1")
+        if self.encoder_num_cpus <= 0 or self.decode_num_cpus <= 0:
+            raise ValueError("encoder_num_cpus/decode_num_cpus: must be > 0")
+
+
+def meta_table_name(latents_table: str) -> str:
+    """The one-row table recording encoders and the encoded empty prompt."""
+    return f"{latents_table}_meta"
+
+
+# --------------------------------------------------------------------------- plain functions
+
+
+def choose_bucket(
+    height: int, width: int, num_source_frames: int, stride: int, buckets: list[BucketConfig]
+) -> BucketConfig | None:
+    """The bucket whose aspect ratio is closest to the clip's, among those the clip is long
+    enough for; ties go to more frames, then more pixels. None when no bucket fits."""
+    fitting = [b for b in buckets if (b.num_frames - 1) * stride + 1 <= num_source_frames]
+    if not fitting:
+        return None
+    aspect = math.log(width / height)
+    return min(
+        fitting,
+        key=lambda b: (
+            round(abs(math.log(b.width / b.height) - aspect), 6),
+            -b.num_frames,
+            -b.height * b.width,
+        ),
+    )
+
+
+def window_frames(start_frame: int, end_frame: int, num_frames: int, stride: int) -> list[int]:
+    """Source frame indices of the sample: `num_frames` at `stride`, centred in the clip."""
+    span = (num_frames - 1) * stride + 1
+    first = start_frame + (end_frame - start_frame - span) // 2
+    return [first + i * stride for i in range(num_frames)]
+
+
+def crop_box(height: int, width: int, bucket_height: int, bucket_width: int) -> tuple[int, ...]:
+    """Centred crop (top, left, crop_height, crop_width) in original pixels with the bucket's
+    aspect ratio, as large as the frame allows; resizing it gives the bucket's shape."""
+    scale = max(bucket_height / height, bucket_width / width)
+    crop_h = min(height, max(1, round(bucket_height / scale)))
+    crop_w = min(width, max(1, round(bucket_width / scale)))
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def crop_and_resize(frames: np.ndarray, bucket: BucketConfig) -> tuple[np.ndarray, list[float]]:
+    """(K, H, W, 3) uint8 -> ((K, bh, bw, 3) uint8, micro-conditions without the stride)."""
+    import cv2
+
+    _, height, width, _ = frames.shape
+    top, left, crop_h, crop_w = crop_box(height, width, bucket.height, bucket.width)
+    out = np.empty((frames.shape[0], bucket.height, bucket.width, 3), dtype=np.uint8)
+    for i, frame in enumerate(frames):
+        region = frame[top : top + crop_h, left : left + crop_w]
+        # INTER_AREA when shrinking avoids aliasing; cubic when growing.
+        interp = cv2.INTER_AREA if crop_h >= bucket.height else cv2.INTER_CUBIC
+        out[i] = cv2.resize(region, (bucket.width, bucket.height), interpolation=interp)
+    return out, [float(height), float(width), float(top), float(left), float(crop_h), float(crop_w)]
+
+
+def decode_frames(uri: str, frame_indices: list[int]) -> np.ndarray:
+    """Decode the given frame indices (display order, 0-based) of a video -> (K, H, W, 3) uint8.
+
+    Seeks to the keyframe before the first wanted frame and decodes forward; the frame index
+    comes from the presentation time, so variable frame-rate streams still land on the right
+    frames (to within one frame period)."""
+    import av
+
+    wanted = sorted(set(frame_indices))
+    found: dict[int, np.ndarray] = {}
+    with av.open(uri) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 25)
+        time_base = float(stream.time_base)
+        start = float(stream.start_time or 0) * time_base
+        seek_s = start + wanted[0] / fps
+        if wanted[0] > 0:
+            container.seek(int(seek_s / time_base), stream=stream, backward=True)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            index = round((frame.pts * time_base - start) * fps)
+            if index in found or index not in wanted:
+                if index > wanted[-1]:
+                    break
+                continue
+            found[index] = frame.to_ndarray(format="rgb24")
+            if len(found) == len(wanted):
+                break
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ValueError(f"frames {missing[:5]} not decodable (video has fewer frames?)")
+    return np.stack([found[i] for i in frame_indices])
+
+
+def stable_id(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _to_storage(x: Any, dtype: str) -> bytes:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(dtype)).tobytes()
+
+
+# --------------------------------------------------------------------------- Ray stages
+
+
+class DecodeCrop:
+    """Reads clip rows (uri, frame range, bucket); writes frames cropped to the bucket + micro_cond.
+    A clip that fails to decode becomes a quarantine row instead of failing the job."""
+
+    def __init__(self, db_uri: str, storage_options: dict[str, str] | None, stride: int) -> None:
+        self.db_uri = db_uri
+        self.storage_options = storage_options
+        self.stride = stride
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        bucket = BucketConfig(int(row["num_frames"]), int(row["height"]), int(row["width"]))
+        try:
+            if row["source"] == "image":
+                import cv2
+
+                image = cv2.imread(row["uri"], cv2.IMREAD_COLOR)
+                if image is None:
+                    raise ValueError(f"cannot read image {row['uri']}")
+                frames = image[None, :, :, ::-1]
+            else:
+                indices = window_frames(
+                    int(row["start_frame"]), int(row["end_frame"]), bucket.num_frames, self.stride
+                )
+                frames = decode_frames(row["uri"], indices)
+            cropped, micro = crop_and_resize(frames, bucket)
+        except (ValueError, OSError, RuntimeError) as err:  # av.error.* derive from OSError/ValueError
+            Database(self.db_uri, self.storage_options).write(
+                QUARANTINE,
+                pa.Table.from_pylist(
+                    [
+                        {
+                            "uri": row["uri"],
+                            "video_id": row.get("video_id"),
+                            "clip_id": row["clip_id"],
+                            "stage": "prepare",
+                            "error_type": type(err).__name__,
+                            "message": str(err)[:500],
+                            "attempts": 1,
+                        }
+                    ]
+                ),
+            )
+            return []
+        stride = float(self.stride if bucket.num_frames > 1 else 0)
+        return [
+            {
+                "clip_id": row["clip_id"],
+                "caption": row["caption"],
+                "bucket": bucket.key,
+                "num_frames": bucket.num_frames,
+                "height": bucket.height,
+                "width": bucket.width,
+                "frames": cropped.tobytes(),
+                "micro_cond": [*micro, stride],
+            }
+        ]
+
+
+class LatentEncodeActor:
+    """Reads `frames`; writes `latents` + `latent_shape` (the frozen encoder loads once)."""
+
+    def __init__(self, encoder: dict[str, Any], storage_dtype: str) -> None:
+        from training.encoders import build_latent_encoder
+
+        cfg = EncoderConfig(**encoder)
+        self.encoder = build_latent_encoder(cfg.kind, cfg.vae_path, cfg.pixel_patch, cfg.device)
+        self.storage_dtype = storage_dtype
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        latents, shapes = [None] * len(rows), [None] * len(rows)
+        # Encode samples of one bucket together (equal shapes stack).
+        by_bucket: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_bucket.setdefault(row["bucket"], []).append(i)
+        for indices in by_bucket.values():
+            first = rows[indices[0]]
+            shape = (first["num_frames"], first["height"], first["width"], 3)
+            frames = np.stack([np.frombuffer(rows[i]["frames"], np.uint8).reshape(shape) for i in indices])
+            z = self.encoder.encode(frames).numpy()  # (n, C, T, h, w)
+            for j, i in enumerate(indices):
+                latents[i] = _to_storage(z[j], self.storage_dtype)
+                shapes[i] = list(z.shape[1:])
+        out = batch.drop_columns(["frames"])
+        out = out.append_column("latents", pa.array(latents, pa.binary()))
+        return out.append_column("latent_shape", pa.array(shapes, pa.list_(pa.int32())))
+
+
+class TextEncodeActor:
+    """Reads `caption`; writes text tokens, mask and pooled EOS embedding (loads once)."""
+
+    def __init__(self, encoder: dict[str, Any], storage_dtype: str) -> None:
+        from training.encoders import TextEncoder
+
+        cfg = EncoderConfig(**encoder)
+        self.encoder = TextEncoder(
+            cfg.text_path, "encoder.text_path", cfg.text_max_length, device=cfg.device
+        )
+        self.storage_dtype = storage_dtype
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        emb = self.encoder.encode([str(c) for c in batch.column("caption").to_pylist()])
+        n, length, dim = emb.tokens.shape
+        columns = {name: batch.column(name) for name in batch.column_names}
+        columns["text_tokens"] = pa.array(
+            [_to_storage(emb.tokens[i], self.storage_dtype) for i in range(n)], pa.binary()
+        )
+        columns["text_shape"] = pa.array([[length, dim]] * n, pa.list_(pa.int32()))
+        columns["text_mask"] = pa.array(
+            [emb.mask[i].numpy().astype(np.uint8).tobytes() for i in range(n)], pa.binary()
+        )
+        columns["text_pooled"] = pa.array(
+            [_to_storage(emb.pooled[i], self.storage_dtype) for i in range(n)], pa.binary()
+        )
+        return pa.table(
+            [columns[f.name].cast(f.type) for f in LATENTS_SCHEMA], schema=LATENTS_SCHEMA
+        )
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _source_rows(db: Database, cfg: PrepareConfig) -> pa.Table:
+    """Rows to prepare: snapshot clips, or images from a directory (image_source=dir)."""
+    if cfg.mode == "image" and cfg.image_source == "dir":
+        rows = []
+        for path in sorted(Path(cfg.image_dir).rglob("*")):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            import cv2
+
+            caption_file = path.with_suffix(".txt")
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            rows.append(
+                {
+                    "clip_id": stable_id(str(path.resolve())),
+                    "video_id": None,
+                    "uri": str(path.resolve()),
+                    "start_frame": 0,
+                    "end_frame": 1,
+                    "height": 0 if image is None else image.shape[0],
+                    "width": 0 if image is None else image.shape[1],
+                    "caption": caption_file.read_text().strip() if caption_file.is_file() else None,
+                }
+            )
+        return pa.Table.from_pylist(rows)
+    if not cfg.snapshot:
+        raise ValueError("snapshot: name the snapshot to prepare (--snapshot or `snapshot:`)")
+    columns = ["clip_id", "video_id", "uri", "start_frame", "end_frame", "width", "height"]
+    table = db.read_snapshot(cfg.snapshot)
+    if cfg.caption_column not in table.column_names:
+        raise ValueError(f"caption_column: the clips table has no column {cfg.caption_column!r}")
+    return table.select([*columns, cfg.caption_column]).rename_columns([*columns, "caption"])
+
+
+def _plan(source: pa.Table, cfg: PrepareConfig, done: set[str]) -> tuple[list[dict], dict[str, int]]:
+    """Assign a bucket to each row still to do; count what is skipped and why."""
+    counts = {"already_done": 0, "skipped_no_caption": 0, "skipped_too_short": 0}
+    todo = []
+    for row in source.to_pylist():
+        if row["clip_id"] in done:
+            counts["already_done"] += 1
+            continue
+        if not row["caption"]:
+            counts["skipped_no_caption"] += 1
+            continue
+        length = int(row["end_frame"]) - int(row["start_frame"])
+        if cfg.mode == "image":
+            length = 1
+            # T2I from clips: the middle frame of the clip.
+            middle = (int(row["start_frame"]) + int(row["end_frame"]) - 1) // 2
+            row["start_frame"], row["end_frame"] = middle, middle + 1
+        height, width = int(row["height"] or 1), int(row["width"] or 1)
+        bucket = choose_bucket(height, width, length, cfg.frame_stride, cfg.buckets)
+        if bucket is None:
+            counts["skipped_too_short"] += 1
+            continue
+        todo.append(
+            {
+                "clip_id": row["clip_id"],
+                "video_id": row.get("video_id"),
+                "uri": row["uri"],
+                "start_frame": int(row["start_frame"]),
+                "end_frame": int(row["end_frame"]),
+                "caption": str(row["caption"]),
+                "source": "image" if cfg.image_source == "dir" and cfg.mode == "image" else "video",
+                "num_frames": bucket.num_frames,
+                "height": bucket.height,
+                "width": bucket.width,
+            }
+        )
+    return todo, counts
+
+
+def _write_meta(db: Database, cfg: PrepareConfig) -> None:
+    """Record the encoders and the encoded empty prompt (the null text for text dropout)."""
+    from training.encoders import TextEncoder, build_latent_encoder
+
+    text = TextEncoder(cfg.encoder.text_path, "encoder.text_path", cfg.encoder.text_max_length)
+    latent = build_latent_encoder(cfg.encoder.kind, cfg.encoder.vae_path, cfg.encoder.pixel_patch)
+    empty = text.encode([""])
+    row = {
+        "latent_encoder": latent.name,
+        "encoder_kind": cfg.encoder.kind,
+        "pixel_patch": cfg.encoder.pixel_patch,
+        "vae_path": cfg.encoder.vae_path,
+        "text_path": cfg.encoder.text_path,
+        "latent_channels": latent.latent_channels,
+        "downsample": latent.downsample,
+        "text_encoder": text.name,
+        "text_dim": text.dim,
+        "text_len": text.max_length,
+        "frame_stride": cfg.frame_stride,
+        "micro_cond_names": ",".join(MICRO_COND_NAMES),
+        "storage_dtype": cfg.storage_dtype,
+        "empty_tokens": _to_storage(empty.tokens[0], "float32"),
+        "empty_mask": empty.mask[0].numpy().astype(np.uint8).tobytes(),
+        "empty_pooled": _to_storage(empty.pooled[0], "float32"),
+    }
+    name = meta_table_name(cfg.latents_table)
+    if db.has_table(name):
+        old = db.table(name).to_table().to_pylist()[0]
+        for key in ("latent_encoder", "text_encoder", "latent_channels", "text_dim", "text_len"):
+            if old[key] != row[key]:
+                raise ValueError(
+                    f"latents_table: {cfg.latents_table!r} was prepared with {key}={old[key]!r}, "
+                    f"this config gives {row[key]!r}; use a new latents_table"
+                )
+    db.write(name, pa.Table.from_pylist([row]), mode="overwrite")
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    return True
+
+
+def run_prepare(
+    db_uri: str,
+    snapshot: str | None,
+    config_path: str | Path | None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+) -> dict[str, Any]:
+    """Prepare the latents table for one stage; returns a summary (counts, seconds, buckets)."""
+    import lance_ray
+    import ray
+
+    start_s = time.time()
+    extra = [*(overrides or []), *([f"snapshot={snapshot}"] if snapshot else [])]
+    cfg = load_config(PrepareConfig, config_path, extra)
+    db = Database(db_uri)
+    source = _source_rows(db, cfg)
+    done: set[str] = set()
+    if db.has_table(cfg.latents_table):
+        done = set(db.table(cfg.latents_table).to_table(columns=["clip_id"])["clip_id"].to_pylist())
+    todo, counts = _plan(source, cfg, done)
+    _write_meta(db, cfg)
+    run_dir = Path(db.uri) / "_prepare" / cfg.latents_table if "://" not in db.uri else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "resolved_config.yaml")
+
+    written = 0
+    if todo:
+        started = _ensure_ray(address)
+        try:
+            encoder = {k: getattr(cfg.encoder, k) for k in EncoderConfig.__dataclass_fields__}
+            ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
+            ds = ds.flat_map(
+                DecodeCrop,
+                fn_constructor_kwargs={
+                    "db_uri": db.uri,
+                    "storage_options": db.storage_options,
+                    "stride": cfg.frame_stride,
+                },
+                concurrency=1,
+                num_cpus=cfg.decode_num_cpus,
+            )
+            ds = ds.map_batches(
+                LatentEncodeActor,
+                fn_constructor_kwargs={"encoder": encoder, "storage_dtype": cfg.storage_dtype},
+                batch_size=cfg.encode_batch_size,
+                batch_format="pyarrow",
+                concurrency=cfg.num_encoder_actors,  # pre-sized pool (LESSONS.md)
+                num_cpus=cfg.encoder_num_cpus,
+                num_gpus=1 if cfg.encoder.device == "cuda" else 0,
+            )
+            ds = ds.map_batches(
+                TextEncodeActor,
+                fn_constructor_kwargs={"encoder": encoder, "storage_dtype": cfg.storage_dtype},
+                batch_size=cfg.encode_batch_size,
+                batch_format="pyarrow",
+                concurrency=cfg.num_encoder_actors,
+                num_cpus=cfg.encoder_num_cpus,
+                num_gpus=1 if cfg.encoder.device == "cuda" else 0,
+            )
+            before = db.table(cfg.latents_table).count_rows() if db.has_table(cfg.latents_table) else 0
+            mode = "append" if db.has_table(cfg.latents_table) else "create"
+            lance_ray.write_lance(
+                ds,
+                db.uri_for(cfg.latents_table),
+                schema=LATENTS_SCHEMA,
+                mode=mode,
+                storage_options=db.storage_options,
+            )
+            if db.has_table(cfg.latents_table):
+                written = db.table(cfg.latents_table).count_rows() - before
+        finally:
+            if started:
+                ray.shutdown()
+
+    buckets: dict[str, int] = {}
+    if db.has_table(cfg.latents_table):
+        for key in db.table(cfg.latents_table).to_table(columns=["bucket"])["bucket"].to_pylist():
+            buckets[key] = buckets.get(key, 0) + 1
+    return {
+        "latents_table": cfg.latents_table,
+        "source_rows": source.num_rows,
+        "written": written,
+        "quarantined": len(todo) - written,
+        **counts,
+        "buckets": buckets,
+        "seconds": round(time.time() - start_s, 2),
+    }
