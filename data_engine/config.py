@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_engine.captioning import CaptionConfig, DSGQuestionsConfig, DSGVerifyConfig
 from data_engine.split import SplitConfig
+from data_engine.stages.aesthetic import AestheticConfig
+from data_engine.stages.category import CategoryConfig
+from data_engine.stages.dedup import DedupConfig
+from data_engine.stages.embedding import EmbeddingConfig
+from data_engine.stages.ocr import OcrConfig
 from data_engine.video import SamplingConfig
 from stiv.config import ConfigError, load_config
 
@@ -26,7 +32,9 @@ class ResourcesConfig:
 
     cpus_per_task: float = 1.0  # CPUs reserved by each probe/split/sample task
     model_actors: int = 0  # actors per model stage (min == max, so pools start full); 0 = auto
-    cpus_per_model_actor: float = 1.0  # CPUs reserved by each model actor
+    cpus_per_model_actor: float = (
+        0.0  # CPUs reserved by each model actor; 0 = auto (fits all pools)
+    )
     gpus_per_model_actor: float = 0.0  # GPUs per model actor (0 on CPU machines)
     model_batch_size: int = 8  # clips per model batch
     memory_per_task_mb: int = 0  # memory hint per task (MiB); 0 = no hint
@@ -36,8 +44,8 @@ class ResourcesConfig:
             raise ValueError("resources.cpus_per_task: must be > 0")
         if self.model_actors < 0:
             raise ValueError("resources.model_actors: must be >= 0")
-        if self.cpus_per_model_actor <= 0:
-            raise ValueError("resources.cpus_per_model_actor: must be > 0")
+        if self.cpus_per_model_actor < 0:
+            raise ValueError("resources.cpus_per_model_actor: must be >= 0 (0 = auto)")
         if self.gpus_per_model_actor < 0:
             raise ValueError("resources.gpus_per_model_actor: must be >= 0")
         if self.model_batch_size < 1:
@@ -61,6 +69,14 @@ class CurateConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ocr: OcrConfig = field(default_factory=OcrConfig)
+    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    category: CategoryConfig = field(default_factory=CategoryConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    dsg_questions: DSGQuestionsConfig = field(default_factory=DSGQuestionsConfig)
+    dsg_verify: DSGVerifyConfig = field(default_factory=DSGVerifyConfig)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in ALL_STAGES]

@@ -36,8 +36,8 @@ from data_engine.video import (
     VideoError,
     VideoInfo,
     clip_id_for,
+    iter_clip_frames,
     probe,
-    sample_clip_frames,
     video_id_for,
 )
 
@@ -81,8 +81,9 @@ CLIP_CORE_SCHEMA = pa.schema(
     ]
 )
 CHEAP_SCORE_SCHEMA = {
-    "motion": pa.schema([("motion_score", pa.float64())]),
-    "clarity": pa.schema([("clarity_score", pa.float64())]),
+    # Scores are float32: half the bytes a filter scans, and ample precision for a score.
+    "motion": pa.schema([("motion_score", pa.float32())]),
+    "clarity": pa.schema([("clarity_score", pa.float32())]),
 }
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -163,41 +164,49 @@ def sample_clips(
 ) -> Iterator[pa.Table]:
     """Video rows -> clip rows carrying their sampled frames and cheap scores.
 
-    Frames are decoded once per video and shared by every scorer downstream. Output is
-    streamed in small batches so a long film never holds all its frames at once. A sampling
-    failure turns every clip of that video into an error row (the video is then not `done`).
+    Frames are decoded once per video and shared by every scorer downstream. Output streams
+    in batches of `clips_per_batch` clips as decoding advances, so a long film never holds all
+    its frames at once. A sampling failure turns the video's remaining clips into error rows
+    (the video is then not `done` and none of its clips are written).
     """
     provenance = _sampling_provenance(cfg)
     for video in videos.to_pylist():
         info = VideoInfo(**json.loads(video["info"]))
         ranges = list(zip(video["clip_starts"], video["clip_ends"]))
-        for first in range(0, len(ranges), clips_per_batch):
-            chunk = ranges[first : first + clips_per_batch]
-            rows = [_clip_row(info, s, e, provenance) for s, e in chunk]
-            try:
-                deadline = time.monotonic() + cfg.sampling.timeout_s
-                sampled = sample_clip_frames(
-                    info.uri, info, chunk, cfg.sampling, cfg.storage_options or None, deadline
-                )
-            except (VideoError, Exception) as err:
-                stage = getattr(err, "stage", "sample")
-                kind = getattr(err, "error_type", type(err).__name__)
-                message = getattr(err, "message", str(err))
-                for row in rows:
-                    row.update(_empty_frames())
-                    row[_ERRORS] = json.dumps([[stage, kind, message]])
-                yield _rows_table(rows, stages)
-                continue
-            for row, clip in zip(rows, sampled):
+        rows = [_clip_row(info, s, e, provenance) for s, e in ranges]
+        for row, caption in zip(rows, video.get("clip_captions") or []):
+            row["caption"] = caption  # backfilling `dsg` on clips captioned earlier
+        pending: list[dict[str, Any]] = []
+        finished: set[int] = set()
+        try:
+            deadline = time.monotonic() + cfg.sampling.timeout_s
+            for index, clip in iter_clip_frames(
+                info.uri, info, ranges, cfg.sampling, cfg.storage_options or None, deadline
+            ):
+                row = rows[index]
                 if "motion" in stages:
                     row["motion_score"] = motion_score(clip)
                 if "clarity" in stages:
                     row["clarity_score"] = clarity_score(clip)
-                raw, shape = pack_frames(clip.frames)
-                row[_FRAMES], row[_SHAPE] = raw, shape
+                row[_FRAMES], row[_SHAPE] = pack_frames(clip.frames)
                 row[_TIMES] = clip.times_s.astype(np.float64).tolist()
                 row[_ERRORS] = "[]"
-            yield _rows_table(rows, stages)
+                pending.append(row)
+                finished.add(index)
+                if len(pending) >= clips_per_batch:
+                    yield _rows_table(pending, stages)
+                    pending = []
+        except Exception as err:  # VideoError, or a scorer's ValueError on unusable frames
+            stage = getattr(err, "stage", "sample")
+            kind = getattr(err, "error_type", type(err).__name__)
+            message = getattr(err, "message", str(err))
+            for index, row in enumerate(rows):
+                if index not in finished:
+                    row.update(_empty_frames())
+                    row[_ERRORS] = json.dumps([["sample", kind, f"{stage}: {message}"]])
+                    pending.append(row)
+        if pending:
+            yield _rows_table(pending, stages)
 
 
 def _empty_frames() -> dict[str, Any]:
@@ -209,6 +218,8 @@ def _rows_table(rows: list[dict[str, Any]], stages: list[str]) -> pa.Table:
     for name, schema in CHEAP_SCORE_SCHEMA.items():
         if name in stages:
             fields.extend(schema)
+    if any("caption" in r for r in rows):
+        fields.append(pa.field("caption", pa.string()))
     fields += [
         pa.field(_FRAMES, pa.binary()),
         pa.field(_SHAPE, pa.list_(pa.int64())),
@@ -329,17 +340,27 @@ class CurateSummary:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _model_pool_size(cfg: CurateConfig) -> int:
+def model_stage_resources(cfg: CurateConfig, num_stages: int) -> tuple[int, float]:
+    """(actors per model stage, CPUs per actor), derived from the cluster when not configured.
+
+    Every model stage's pool starts at full size (min == max), so all pools together must fit
+    beside at least one CPU for decoding tasks, or the job waits for ever (the 2-core trap in
+    ENV-NOTES.md, in its Ray Data form).
+    """
     import ray
 
-    if cfg.resources.model_actors:
-        return cfg.resources.model_actors
     resources = ray.cluster_resources()
-    if cfg.resources.gpus_per_model_actor > 0:
-        return max(1, int(resources.get("GPU", 0) // cfg.resources.gpus_per_model_actor))
-    # Leave at least one CPU for decoding tasks; one actor per remaining CPU, at least one.
-    cpus = resources.get("CPU", 1.0)
-    return max(1, int((cpus - 1) // cfg.resources.cpus_per_model_actor))
+    spare_cpus = max(resources.get("CPU", 1.0) - cfg.resources.cpus_per_task, 0.25)
+    cpus = cfg.resources.cpus_per_model_actor
+    if cfg.resources.model_actors:
+        size = cfg.resources.model_actors
+    elif cfg.resources.gpus_per_model_actor > 0:
+        size = max(1, int(resources.get("GPU", 0) // cfg.resources.gpus_per_model_actor))
+    else:
+        size = max(1, int(spare_cpus // (num_stages * (cpus or 1.0))))
+    if not cpus:
+        cpus = min(1.0, spare_cpus / (num_stages * size))
+    return size, cpus
 
 
 def _task_args(cfg: CurateConfig) -> dict[str, Any]:
@@ -359,7 +380,7 @@ def clip_dataset(videos, cfg: CurateConfig, stages: list[str]):
         fn_kwargs={"cfg": cfg, "stages": stages},
         **_task_args(cfg),
     )
-    pool = _model_pool_size(cfg) if model_stages else 0
+    pool, cpus = model_stage_resources(cfg, len(model_stages)) if model_stages else (0, 0.0)
     for stage in model_stages:
         ds = ds.map_batches(
             ScorerActor,
@@ -367,7 +388,7 @@ def clip_dataset(videos, cfg: CurateConfig, stages: list[str]):
             batch_size=cfg.resources.model_batch_size,
             batch_format="pyarrow",
             compute=_actor_pool(pool),
-            num_cpus=cfg.resources.cpus_per_model_actor,
+            num_cpus=cpus,
             num_gpus=cfg.resources.gpus_per_model_actor or None,
         )
     return ds
@@ -426,7 +447,7 @@ def _clips_schema(db: st.Database, cfg: CurateConfig, stages: list[str]) -> pa.S
             fields.extend(schema)
     for stage in MODEL_STAGES:
         if stage in stages:
-            fields.extend(stage_output_schema(stage, cfg))
+            fields.extend(f for f in stage_output_schema(stage, cfg) if not f.name.startswith("_"))
     wanted = pa.schema(fields)
     if not db.has_table(st.CLIPS):
         return wanted
@@ -435,6 +456,27 @@ def _clips_schema(db: st.Database, cfg: CurateConfig, stages: list[str]) -> pa.S
     if missing:
         table.add_columns(pa.schema(missing))
     return db.table(st.CLIPS).schema
+
+
+def write_dsg_claims(db: st.Database, clips) -> None:
+    """Move the claims carried by the `dsg` stage into the `dsg_claims` table (replacing any
+    earlier claims of the same clips)."""
+    from data_engine.captioning.dsg import DSGStage
+    from data_engine.stages.registry import DSG_CLAIMS_JSON
+
+    rows = []
+    clip_ids = []
+    for row in clips.select_columns(["clip_id", "video_id", DSG_CLAIMS_JSON]).take_all():
+        if row[DSG_CLAIMS_JSON] is None:
+            continue
+        clip_ids.append(row["clip_id"])
+        for claim in json.loads(row[DSG_CLAIMS_JSON]):
+            rows.append({**claim, "video_id": row["video_id"]})
+    schema = pa.schema([*DSGStage.claims_schema, pa.field("video_id", pa.string())])
+    for first in range(0, len(clip_ids), 500):
+        db.delete(st.DSG_CLAIMS, f"clip_id IN ({_sql_list(clip_ids[first : first + 500])})")
+    if rows:
+        db.write(st.DSG_CLAIMS, pa.Table.from_pylist(rows, schema))
 
 
 def _connect(address: str | None) -> None:
@@ -509,6 +551,7 @@ def run_curate(
         leftover = [video_id_for(u) for u in todo]
         for first in range(0, len(leftover), 500):
             db.delete(st.CLIPS, f"video_id IN ({_sql_list(leftover[first : first + 500])})")
+            db.delete(st.DSG_CLAIMS, f"video_id IN ({_sql_list(leftover[first : first + 500])})")
     schema = _clips_schema(db, cfg, stages)
 
     for first in range(0, len(todo), cfg.videos_per_commit):
@@ -541,8 +584,10 @@ def run_curate(
                         )
                     )
         summary.clip_errors += len(quarantine)
-        good = clips.filter(lambda r, bad=frozenset(failed): r["video_id"] not in bad)
-        good = good.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow")
+        kept = clips
+        if failed:
+            kept = clips.filter(lambda r, bad=frozenset(failed): r["video_id"] not in bad)
+        good = kept.map_batches(_conform, fn_kwargs={"schema": schema}, batch_format="pyarrow")
         num_clips = good.count()
         if num_clips:
             mode = "append" if db.has_table(st.CLIPS) else "create"
@@ -554,6 +599,8 @@ def run_curate(
                 storage_options=db.storage_options,
             )
         summary.clips += num_clips
+        if "dsg" in stages and num_clips:
+            write_dsg_claims(db, kept)
 
         now = time.time()
         video_table = []

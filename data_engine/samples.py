@@ -45,7 +45,9 @@ def write_video(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    container = av.open(str(path), mode="w", options={"movflags": "faststart"})
+    # moov atom first for mp4/mov (streamable); other containers have no such option.
+    options = {"movflags": "faststart"} if path.suffix in (".mp4", ".mov") else {}
+    container = av.open(str(path), mode="w", options=options)
     try:
         stream = None
         for image in frames:

@@ -395,7 +395,9 @@ class SamplingConfig:
 
     frames_per_clip: int = 4  # evenly spaced frames per clip (count)
     motion_gap_frames: int = 2  # distance to each frame's optical-flow pair (frames)
-    max_side: int = 320  # long side of sampled frames (px); smaller videos are not upscaled
+    max_side: int = (
+        640  # long side of sampled frames (px): OCR needs readable subtitles; never upscaled
+    )
     timeout_s: float = 300.0  # decode budget per video for sampling (seconds)
 
     def __post_init__(self) -> None:
@@ -434,15 +436,17 @@ def sample_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def sample_clip_frames(
+def iter_clip_frames(
     uri: str,
     info: VideoInfo,
     clips: list[tuple[int, int]],
     cfg: SamplingConfig,
     storage_options: dict[str, Any] | None = None,
     deadline: float | None = None,
-) -> list[ClipFrames]:
-    """Sampled frames for every clip of one video, in one sequential decoding pass.
+) -> Iterator[tuple[int, ClipFrames]]:
+    """(clip index, sampled frames) for every clip of one video, in one sequential decoding
+    pass, yielded as soon as a clip's last needed frame is decoded (its frames are then freed),
+    so a long film never holds all its sampled frames at once.
 
     Why sequential rather than seeking: frame numbers are counted exactly as the split stage
     counts them (decoded frames, not timestamps, which drift on variable-frame-rate files), and
@@ -452,24 +456,29 @@ def sample_clip_frames(
     if deadline is None:
         deadline = time.monotonic() + cfg.timeout_s
     per_clip = [clip_sample_indices(start, end, cfg) for start, end in clips]
-    needed = sorted({index for pairs in per_clip for pair in pairs for index in pair})
-    if not needed:
-        return []
+    if not per_clip:
+        return
+    # Clips in the order their last needed frame arrives; reference counts free shared frames.
+    needs = [{i for pair in pairs for i in pair} for pairs in per_clip]
+    order = sorted(range(len(per_clip)), key=lambda c: max(needs[c]))
+    users: dict[int, int] = {}
+    for needed in needs:
+        for index in needed:
+            users[index] = users.get(index, 0) + 1
     coded_w, coded_h = info.coded_size
     out_w, out_h = sample_size(coded_w, coded_h, cfg.max_side)
 
     images: dict[int, np.ndarray] = {}
     times: dict[int, float] = {}
-    want = set(needed)
-    last_needed = needed[-1]
+    next_clip = 0
+    index = -1
     with open_container(uri, storage_options, "sample", cfg.timeout_s) as container:
         stream = video_stream(container, uri, "sample")
         start_s = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
-        index = -1
         reformatter = VideoReformatter()  # keeps one swscale context for the whole video
         for frame in decode_frames(container, stream, uri, "sample", deadline):
             index += 1
-            if index in want:
+            if index in users:
                 rgb = reformatter.reformat(
                     frame, width=out_w, height=out_h, format="rgb24", interpolation="AREA"
                 ).to_ndarray()
@@ -477,23 +486,42 @@ def sample_clip_frames(
                 times[index] = (
                     float(frame.time) - start_s if frame.time is not None else index / info.fps
                 )
-            if index >= last_needed:
-                break
-    missing = want - images.keys()
-    if missing:
-        raise VideoError(
-            "sample",
-            "truncated",
-            f"{uri}: only {index + 1} frames decode, frame {min(missing)} is missing",
-        )
+            while next_clip < len(order) and max(needs[order[next_clip]]) <= index:
+                clip = order[next_clip]
+                yield clip, _clip_frames(per_clip[clip], images, times)
+                for i in needs[clip]:
+                    users[i] -= 1
+                    if users[i] == 0:
+                        del images[i]
+                next_clip += 1
+            if next_clip == len(order):
+                return
+    missing = min(i for i in users if i > index)
+    raise VideoError(
+        "sample", "truncated", f"{uri}: only {index + 1} frames decode, frame {missing} is missing"
+    )
 
-    clip_frames = []
-    for pairs in per_clip:
-        frames = np.stack([images[first] for first, _ in pairs])  # (K, H, W, 3)
-        pair_frames = np.stack([images[second] for _, second in pairs])  # (K, H, W, 3)
-        times_s = np.array([times[first] for first, _ in pairs], dtype=np.float64)
-        pair_dt_s = np.array(
-            [times[second] - times[first] for first, second in pairs], dtype=np.float64
-        )
-        clip_frames.append(ClipFrames(frames, times_s, pair_frames, pair_dt_s))
-    return clip_frames
+
+def _clip_frames(
+    pairs: list[tuple[int, int]], images: dict[int, np.ndarray], times: dict[int, float]
+) -> ClipFrames:
+    frames = np.stack([images[first] for first, _ in pairs])  # (K, H, W, 3)
+    pair_frames = np.stack([images[second] for _, second in pairs])  # (K, H, W, 3)
+    times_s = np.array([times[first] for first, _ in pairs], dtype=np.float64)
+    pair_dt_s = np.array([times[second] - times[first] for first, second in pairs])
+    return ClipFrames(frames, times_s, pair_frames, pair_dt_s)
+
+
+def sample_clip_frames(
+    uri: str,
+    info: VideoInfo,
+    clips: list[tuple[int, int]],
+    cfg: SamplingConfig,
+    storage_options: dict[str, Any] | None = None,
+    deadline: float | None = None,
+) -> list[ClipFrames]:
+    """Sampled frames for every clip of one video, all at once (see `iter_clip_frames`)."""
+    out: dict[int, ClipFrames] = dict(
+        iter_clip_frames(uri, info, clips, cfg, storage_options, deadline)
+    )
+    return [out[c] for c in range(len(clips))]

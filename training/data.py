@@ -138,7 +138,9 @@ def rank_feed(
             "data.batch_size: no bucket has enough rows for one global batch "
             f"(rows per bucket: { {k: len(v) for k, v in index.buckets.items()} }, world size {world_size})"
         )
-    items = []
+    items: list[dict[str, Any]] = []
+    if start_step >= max_steps:
+        return
     epoch = start_step // per_epoch
     while len(items) < max_steps - start_step:
         plan = plan_epoch(index.buckets, batch_sizes, world_size, seed, epoch)
@@ -150,6 +152,7 @@ def rank_feed(
         epoch += 1
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # steps must arrive in plan order
+    ctx.enable_progress_bars = False  # one bar per rank per epoch only clutters the log
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
     ds = ds.map(
         FetchStep,
@@ -159,8 +162,9 @@ def rank_feed(
             "storage_dtype": index.storage_dtype,
             "storage_options": storage_options,
         },
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=num_cpus,
     )
-    for row in ds.iter_rows(prefetch_batches=prefetch):
-        yield int(row["step"]), {k: torch.as_tensor(np.asarray(v)) for k, v in row.items() if k != "step"}
+    # One Ray Data "batch" = one training step (the rows were pre-batched above).
+    for item in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch):
+        yield int(item["step"][0]), {k: torch.from_numpy(np.array(v[0])) for k, v in item.items() if k != "step"}

@@ -540,7 +540,7 @@ def run_prepare(
                     "storage_options": db.storage_options,
                     "stride": cfg.frame_stride,
                 },
-                concurrency=1,
+                compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=cfg.decode_num_cpus,
             )
             ds = ds.map_batches(
@@ -548,7 +548,7 @@ def run_prepare(
                 fn_constructor_kwargs={"encoder": encoder, "storage_dtype": cfg.storage_dtype},
                 batch_size=cfg.encode_batch_size,
                 batch_format="pyarrow",
-                concurrency=cfg.num_encoder_actors,  # pre-sized pool (LESSONS.md)
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_encoder_actors),  # pre-sized (LESSONS.md)
                 num_cpus=cfg.encoder_num_cpus,
                 num_gpus=1 if cfg.encoder.device == "cuda" else 0,
             )
@@ -557,7 +557,7 @@ def run_prepare(
                 fn_constructor_kwargs={"encoder": encoder, "storage_dtype": cfg.storage_dtype},
                 batch_size=cfg.encode_batch_size,
                 batch_format="pyarrow",
-                concurrency=cfg.num_encoder_actors,
+                compute=ray.data.ActorPoolStrategy(size=cfg.num_encoder_actors),
                 num_cpus=cfg.encoder_num_cpus,
                 num_gpus=1 if cfg.encoder.device == "cuda" else 0,
             )

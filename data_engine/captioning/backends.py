@@ -16,6 +16,7 @@ Two real backends:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -139,7 +140,7 @@ def sample_frame_indices(num_available: int, num_wanted: int) -> list[int]:
         return []
     if num_wanted >= num_available:
         return list(range(num_available))
-    return [int(round(x)) for x in np.linspace(0, num_available - 1, num_wanted)]
+    return [round(float(x)) for x in np.linspace(0, num_available - 1, num_wanted)]
 
 
 # ----------------------------------------------------------------------------- OpenAI
@@ -252,10 +253,9 @@ class OpenAIBackend:
         delay = min(cfg.retry_backoff_max_s, cfg.retry_backoff_s * 2**attempt)
         delay *= 0.5 + 0.5 * random.random()
         if retry_after is not None:
-            try:
+            # An HTTP-date Retry-After does not parse as seconds: keep our own back-off then.
+            with contextlib.suppress(ValueError):
                 delay = max(delay, min(float(retry_after), cfg.retry_backoff_max_s))
-            except ValueError:
-                pass  # an HTTP-date Retry-After: keep our own back-off
         return delay
 
     def _complete_one(self, request: ChatRequest) -> ChatReply:
@@ -292,7 +292,9 @@ class OpenAIBackend:
                 if status in FATAL_STATUS:
                     key = "api_key_env" if status in (401, 403) else "model"
                     with self._lock:
-                        self._fatal = f"{s}.{key}: server {self.url} answered HTTP {status}: {detail}"
+                        self._fatal = (
+                            f"{s}.{key}: server {self.url} answered HTTP {status}: {detail}"
+                        )
                     return ChatReply(None, self._fatal, attempts, time.perf_counter() - t0)
                 last_error = f"HTTP {status}: {detail}"
                 if status not in RETRYABLE_STATUS:
@@ -389,7 +391,9 @@ class LocalBackend:
                 t0 = time.perf_counter()
                 try:
                     texts = self._generate([requests[i] for i in chunk])
-                except Exception as exc:  # any failure: retry alone to isolate the request that broke it
+                except (
+                    Exception
+                ) as exc:  # any failure: retry alone to isolate the request that broke it
                     if len(chunk) == 1:
                         replies[chunk[0]] = ChatReply(
                             None, f"generate failed: {type(exc).__name__}: {exc}", 1,
@@ -414,9 +418,13 @@ class LocalBackend:
             content.append({"type": "text", "text": r.prompt})
             messages = [{"role": "user", "content": content}]
             if r.system:
-                messages.insert(0, {"role": "system", "content": [{"type": "text", "text": r.system}]})
+                messages.insert(
+                    0, {"role": "system", "content": [{"type": "text", "text": r.system}]}
+                )
             texts.append(
-                self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                self.processor.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
             )
             images.append([Image.fromarray(img) for img in r.images])
         kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}

@@ -208,7 +208,7 @@ _LEADING_MARKUP = " \t\r\n\"'*`.-:([>"  # quotes, bold, bullets a model may put 
 
 
 def read_yes_no(text: str) -> str:
-    """"yes" or "no" from the reply's first word (case-insensitive), else "invalid"."""
+    """ "yes" or "no" from the reply's first word (case-insensitive), else "invalid"."""
     match = _FIRST_WORD.match(text.lstrip(_LEADING_MARKUP))
     word = match.group(0).lower() if match else ""
     return word if word in ("yes", "no") else "invalid"
@@ -331,7 +331,7 @@ class DSGStage:
             idx = sample_frame_indices(len(clip.frames), n_frames)
             times = [float(clip.times_s[i]) for i in idx] if len(clip.times_s) else []
             checks.append(_ClipCheck(cid, idx, times))
-        for check, caption, clip in zip(checks, captions, clips):
+        for check, caption in zip(checks, captions):
             if not caption or not caption.strip():
                 check.error = "dsg: clip has no caption"
             elif not check.frame_indices:

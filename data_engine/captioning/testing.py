@@ -105,7 +105,9 @@ class ScriptedChatServer:
         self.responder = responder or (lambda body: Reply(content="ok"))
         self.model = model
         self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []  # request headers (lower-case names), same order as `requests`
+        self.headers: list[
+            dict[str, str]
+        ] = []  # request headers (lower-case names), same order as `requests`
         self.in_flight = 0
         self.max_in_flight = 0  # most requests being answered at once (concurrency limits)
         self.script: deque[Reply] = deque()

@@ -34,8 +34,12 @@ from data_engine.stages.clip_model import (
 class AestheticConfig:
     """Settings of the `aesthetic` stage."""
 
-    clip: ClipModelConfig = field(default_factory=ClipModelConfig)  # image encoder (ViT-L-14 for the LAION head)
-    head_path: str = ""  # local LAION aesthetic head state dict (.pth or .safetensors); required at start
+    clip: ClipModelConfig = field(
+        default_factory=ClipModelConfig
+    )  # image encoder (ViT-L-14 for the LAION head)
+    head_path: str = (
+        ""  # local LAION aesthetic head state dict (.pth or .safetensors); required at start
+    )
     num_frames: int = 4  # frames per clip scored, evenly spread over the sampled ones (0 = all)
 
     def __post_init__(self) -> None:
@@ -71,7 +75,9 @@ class AestheticHead(nn.Module):
         return self.layers(embedding).squeeze(-1)
 
 
-def load_aesthetic_head(path: str, input_dim: int, key: str = "aesthetic.head_path") -> AestheticHead:
+def load_aesthetic_head(
+    path: str, input_dim: int, key: str = "aesthetic.head_path"
+) -> AestheticHead:
     """Load a head state dict (published .pth or our .safetensors) for `input_dim` embeddings."""
     head_file = require_file(path, key)
     if head_file.suffix == ".safetensors":
@@ -126,7 +132,9 @@ class AestheticScorer:
     @torch.inference_mode()
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
         stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
-        embeddings = encode_frame_stacks(self.model, self.preprocess, stacks, self.cfg.clip.batch_size)
+        embeddings = encode_frame_stacks(
+            self.model, self.preprocess, stacks, self.cfg.clip.batch_size
+        )
         rows: list[dict[str, Any]] = []
         for emb in embeddings:
             if len(emb) == 0:

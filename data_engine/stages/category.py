@@ -47,7 +47,9 @@ class CategoryConfig:
 
     clip: ClipModelConfig = field(default_factory=ClipModelConfig)  # image + text encoder
     labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))  # candidate categories
-    prompt_template: str = "a video frame of {}."  # text prompt per label; "{}" is replaced by the label
+    prompt_template: str = (
+        "a video frame of {}."  # text prompt per label; "{}" is replaced by the label
+    )
     num_frames: int = 4  # frames per clip averaged before matching (0 = all sampled frames)
 
     def __post_init__(self) -> None:
@@ -105,7 +107,9 @@ class CategoryScorer:
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
         stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
-        embeddings = encode_frame_stacks(self.model, self.preprocess, stacks, self.cfg.clip.batch_size)
+        embeddings = encode_frame_stacks(
+            self.model, self.preprocess, stacks, self.cfg.clip.batch_size
+        )
         rows: list[dict[str, Any]] = []
         for emb in embeddings:
             if len(emb) == 0:

@@ -36,9 +36,15 @@ SEEDED_TEST_WEIGHTS_KEY = "stiv_seeded_test_weights"
 class ClipModelConfig:
     """Which open_clip model a stage runs, and where its weights live (all local files)."""
 
-    model_name: str = "ViT-L-14"  # open_clip architecture name (bundled config or model_config_path's stem)
-    checkpoint_path: str = ""  # local open_clip checkpoint (.safetensors/.bin/.pt); required at stage start
-    model_config_path: str = ""  # optional JSON architecture config for a custom model ("" = bundled)
+    model_name: str = (
+        "ViT-L-14"  # open_clip architecture name (bundled config or model_config_path's stem)
+    )
+    checkpoint_path: str = (
+        ""  # local open_clip checkpoint (.safetensors/.bin/.pt); required at stage start
+    )
+    model_config_path: str = (
+        ""  # optional JSON architecture config for a custom model ("" = bundled)
+    )
     device: str = "cpu"  # torch device the model runs on ("cpu", "cuda", "cuda:1")
     batch_size: int = 32  # frames per forward pass (frames)
 
@@ -159,12 +165,16 @@ class FramePreprocessor:
         }
 
     def _resize(self, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-        x = F.interpolate(x, size=out_hw, mode=self.interpolation, antialias=True, align_corners=False)
+        x = F.interpolate(
+            x, size=out_hw, mode=self.interpolation, antialias=True, align_corners=False
+        )
         return x.clamp_(0.0, 255.0)  # bicubic overshoots; PIL clamps to the uint8 range too
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"expected (K, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+            raise ValueError(
+                f"expected (K, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}"
+            )
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
         x = x.permute(0, 3, 1, 2).float()  # (K, 3, H, W)
         in_h, in_w = x.shape[-2:]

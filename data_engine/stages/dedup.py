@@ -29,11 +29,19 @@ from data_engine.stages.clip_model import normalize_rows
 class DedupConfig:
     """Settings of the `dedup` stage."""
 
-    max_cosine_distance: float = 0.05  # a clip within this of an earlier kept clip is a duplicate (1 - cosine)
-    index_min_rows: int = 50_000  # from this many rows on, search a Lance IVF_PQ index instead of exactly
+    max_cosine_distance: float = (
+        0.05  # a clip within this of an earlier kept clip is a duplicate (1 - cosine)
+    )
+    index_min_rows: int = (
+        50_000  # from this many rows on, search a Lance IVF_PQ index instead of exactly
+    )
     num_neighbors: int = 16  # neighbours fetched per clip from the index (index path only)
-    nprobes: int = 32  # IVF partitions searched per query (index path; more = better recall, slower)
-    refine_factor: int = 10  # candidates re-ranked with exact distances, as a multiple of num_neighbors
+    nprobes: int = (
+        32  # IVF partitions searched per query (index path; more = better recall, slower)
+    )
+    refine_factor: int = (
+        10  # candidates re-ranked with exact distances, as a multiple of num_neighbors
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_cosine_distance < 2.0:
@@ -116,7 +124,7 @@ def ensure_vector_index(
 ) -> lance.LanceDataset:
     """The dataset with an IVF_PQ cosine index on `embedding_column`, building one if missing."""
     for index in dataset.describe_indices():
-        if embedding_column in index.fields:
+        if embedding_column in index.field_names:
             return dataset
     num_rows = dataset.count_rows(filter=f"{embedding_column} IS NOT NULL")
     dim = dataset.schema.field(embedding_column).type.list_size

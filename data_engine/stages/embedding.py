@@ -28,7 +28,9 @@ from data_engine.stages.clip_model import (
 class EmbeddingConfig:
     """Settings of the `embedding` stage."""
 
-    clip: ClipModelConfig = field(default_factory=ClipModelConfig)  # image encoder; `stiv query --text` reuses it
+    clip: ClipModelConfig = field(
+        default_factory=ClipModelConfig
+    )  # image encoder; `stiv query --text` reuses it
     num_frames: int = 8  # frames per clip embedded, evenly spread over the sampled ones (0 = all)
 
     def __post_init__(self) -> None:
@@ -107,7 +109,9 @@ class EmbeddingScorer:
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
         stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
-        embeddings = encode_frame_stacks(self.model, self.preprocess, stacks, self.cfg.clip.batch_size)
+        embeddings = encode_frame_stacks(
+            self.model, self.preprocess, stacks, self.cfg.clip.batch_size
+        )
         rows: list[dict[str, Any]] = []
         for emb in embeddings:
             if len(emb) == 0:

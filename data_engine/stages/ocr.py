@@ -34,7 +34,9 @@ class OcrConfig:
     """Settings of the `ocr` stage."""
 
     num_frames: int = 4  # frames per clip run through detection, evenly spread (0 = all sampled)
-    det_max_side_px: int = 960  # detection input long side cap (pixels); smaller frames keep their size
+    det_max_side_px: int = (
+        960  # detection input long side cap (pixels); smaller frames keep their size
+    )
     det_box_threshold: float = 0.5  # minimum detector confidence for a text box (0..1)
     text_score_threshold: float = 0.5  # minimum recogniser confidence to keep a string (0..1)
     text_max_chars: int = 200  # `ocr_text` is cut to this many characters
@@ -64,8 +66,11 @@ def text_area_fraction(boxes: np.ndarray | None, height: int, width: int) -> flo
     if boxes is None or len(boxes) == 0:
         return 0.0
     mask = np.zeros((height, width), dtype=np.uint8)
-    polygons = [np.round(np.asarray(b)).astype(np.int32).reshape(-1, 1, 2) for b in boxes]
-    cv2.fillPoly(mask, polygons, 1)
+    for box in boxes:
+        # One fillPoly call per box: given several polygons at once, OpenCV treats overlaps as
+        # holes (even-odd rule) and two identical boxes would cancel out.
+        polygon = np.round(np.asarray(box)).astype(np.int32).reshape(-1, 1, 2)
+        cv2.fillPoly(mask, [polygon], 1)
     return float(mask.mean())
 
 

@@ -110,7 +110,7 @@ def test_sigkill_midway_then_rerun_gives_the_uninterrupted_rows(
     videos = tmp_path / "videos"
     for i in range(3):
         _make_videos(videos / f"set{i}")
-    args = ["--set", "videos_per_commit=1", *sum([["--set", f] for f in FAST], [])]
+    args = ["--set", "videos_per_commit=1"] + [a for f in FAST for a in ("--set", f)]
 
     reference = tmp_path / "reference"
     cfg = load_curate_config(None, ["videos_per_commit=1", *FAST])

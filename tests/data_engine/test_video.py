@@ -85,12 +85,17 @@ EXPECTED_BAD_INPUT_ERRORS = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(videos) -> dict[str, Path]:
+    return samples.write_bad_inputs(videos["bad"])
+
+
 @pytest.mark.parametrize("kind", samples.BAD_INPUT_KINDS)
-def test_probe_rejects_bad_input(videos, kind):
+def test_probe_rejects_bad_input(bad_inputs, kind):
     """Every kind of broken upload must fail in probe (so it is quarantined with a precise
     reason) rather than crash or hang a later stage. The truncated file keeps its header: only
     the tail check can catch it."""
-    paths = samples.write_bad_inputs(videos["bad"])
+    paths = bad_inputs
     with pytest.raises(VideoError) as caught:
         probe(str(paths[kind]), timeout_s=20)
     assert caught.value.stage == "probe"
@@ -244,3 +249,13 @@ def test_demo_videos_all_probe(tmp_path):
     assert len(infos) >= 6
     assert all(info.num_frames >= 50 and info.codec == "h264" for info in infos)
     assert {info.orientation for info in infos} == {"landscape", "portrait"}
+
+
+def test_probe_counts_frames_when_the_container_does_not(tmp_path):
+    """Matroska stores no frame count (stream.frames == 0): the probe must count packets
+    instead of reporting 0 frames (which would make every clip range empty)."""
+    frames = (np.full((120, 160, 3), 5 * i, np.uint8) for i in range(40))
+    path = samples.write_video(tmp_path / "no_count.mkv", frames)
+    info = probe(str(path))
+    assert (info.num_frames, info.fps) == (40, 25.0)
+    assert info.duration_s == pytest.approx(1.6, abs=0.05)

@@ -14,7 +14,9 @@ from training.encoders import make_tiny_text_encoder, make_tiny_vae
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
-def write_video(path: Path, colour: tuple[int, int, int], num_frames: int, size=(48, 64)) -> None:
+def write_video(
+    path: Path, colour: tuple[int, int, int], num_frames: int, size: tuple[int, int] = (48, 64)
+) -> None:
     """A square moving right on a grey background, H.264 via PyAV (no ffmpeg binary here)."""
     import av
 
@@ -81,3 +83,59 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+TRAIN_PREPARE = """
+latents_table: latents
+frame_stride: 1
+buckets:
+  - {{num_frames: 8, height: 16, width: 16}}
+  - {{num_frames: 8, height: 16, width: 24}}
+encoder: {{kind: pixel, pixel_patch: 2, text_path: {text}, text_max_length: 48}}
+encoder_num_cpus: 0.5
+decode_num_cpus: 0.5
+encode_batch_size: 16
+"""
+
+
+@pytest.fixture(scope="session")
+def train_db(tmp_path_factory, tiny_encoders) -> str:
+    """A database with a prepared pixel latents table: 16 samples in two buckets (8 square
+    f8x16x16, 8 wide f8x16x24), for the Ray Train tests."""
+    import ray
+
+    from training.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("traindb")
+    rows = []
+    for i, (name, colour) in enumerate([*COLOURS.items(), ("white", (255, 255, 255))]):
+        size = (48, 48) if i % 2 else (48, 64)
+        uri = root / f"{name}.mp4"
+        write_video(uri, colour, num_frames=40, size=size)
+        for k in range(4):
+            rows.append(
+                {
+                    "clip_id": f"{name}-{k}",
+                    "video_id": name,
+                    "uri": str(uri),
+                    "start_frame": 10 * k,
+                    "end_frame": 10 * k + 10,
+                    "fps": 24.0,
+                    "width": size[1],
+                    "height": size[0],
+                    "duration_s": 10 / 24,
+                    "caption": f"a {name} square moves right",
+                }
+            )
+    db = Database(root / "db")
+    db.write(CLIPS, pa.Table.from_pylist(rows))
+    db.create_snapshot("train", None)
+    config = root / "prepare.yaml"
+    config.write_text(TRAIN_PREPARE.format(text=tiny_encoders["text"]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_prepare(db.uri, "train", str(config))
+    finally:
+        ray.shutdown()
+    assert summary["buckets"] == {"f8x16x16": 8, "f8x16x24": 8}, summary
+    return db.uri

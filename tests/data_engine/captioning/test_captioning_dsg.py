@@ -4,6 +4,7 @@ the two metrics, on hand-made captions answered by a real scripted HTTP server."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -213,7 +214,10 @@ def test_invalid_output_is_retried_with_sampling():
         metrics, claims = stage.check_clips([clip_of("RG")], ["A smiling woman."], ["c0"])
         stage.close()
     assert [b["temperature"] for b in srv.requests[:2]] == [0.0, 0.7]
-    assert metrics[0]["dsg_status"] == "ok" and [c["verdict"] for c in claims] == ["present", "true"]
+    assert metrics[0]["dsg_status"] == "ok" and [c["verdict"] for c in claims] == [
+        "present",
+        "true",
+    ]
 
 
 # ----------------------------------------------------------------------------- logic + metrics
@@ -283,7 +287,9 @@ def test_a_yes_on_one_frame_outweighs_a_failed_frame():
     def responder(body):
         text = request_text(body)
         if CAPTION_OPEN in text:
-            return Reply(content=json.dumps({"questions": [q(1, "entity", "dog", "Is there a dog?")]}))
+            return Reply(
+                content=json.dumps({"questions": [q(1, "entity", "dog", "Is there a dog?")]})
+            )
         colour = colour_code(request_images(body)[0])
         if colour == "B":
             return Reply(status=500)
@@ -302,7 +308,10 @@ def test_a_yes_on_one_frame_outweighs_a_failed_frame():
     assert metrics[0]["dsg_status"] == "ok" and claims[0]["verdict"] == "present"
     assert claims[0]["frame_answers"] == ["yes", "error"]
     assert metrics2[0]["dsg_status"] == "failed" and claims2 == []
-    assert "dsg_verify: question 1" in metrics2[0]["dsg_error"] and "HTTP 500" in metrics2[0]["dsg_error"]
+    assert (
+        "dsg_verify: question 1" in metrics2[0]["dsg_error"]
+        and "HTTP 500" in metrics2[0]["dsg_error"]
+    )
 
 
 def test_unreadable_answers_fail_the_clip():
@@ -330,7 +339,10 @@ def test_missing_caption_fails_only_that_clip():
             [clip_of("BBBB"), clip_of("BBBB")], [None, "A cat sits on a sofa."], ["x", "y"]
         )
         stage.close()
-    assert metrics[0]["dsg_status"] == "failed" and metrics[0]["dsg_error"] == "dsg: clip has no caption"
+    assert (
+        metrics[0]["dsg_status"] == "failed"
+        and metrics[0]["dsg_error"] == "dsg: clip has no caption"
+    )
     assert metrics[1]["dsg_status"] == "ok" and {c["clip_id"] for c in claims} == {"y"}
 
 
@@ -355,3 +367,18 @@ def test_report_counts_only_checked_clips():
     assert empty["dsg_video_i"] is None and empty["dsg_video_s"] is None and empty["captions"] == 0
     with pytest.raises(ValueError, match="dsg_status"):
         dsg_report(pa.table({"caption": ["a"]}))
+
+
+def test_example_vllm_config_loads_into_the_sections():
+    """pipelines/curate-vllm.yaml is what users copy: every key must be a real field that
+    validates (a typo there would otherwise surface only on a GPU cluster)."""
+    import yaml
+
+    from data_engine.captioning.caption import CaptionConfig
+
+    path = Path(__file__).parents[3] / "pipelines" / "curate-vllm.yaml"
+    doc = yaml.safe_load(path.read_text())
+    assert set(doc) == {"caption", "dsg_questions", "dsg_verify"}
+    assert CaptionConfig(**doc["caption"]).model == "qwen2.5-vl-7b"
+    assert DSGQuestionsConfig(**doc["dsg_questions"]).parse_attempts == 3
+    assert DSGVerifyConfig(**doc["dsg_verify"]).frames_per_clip == 4

@@ -23,6 +23,8 @@ def textured_frame(seed: int, height: int = 180, width: int = 320) -> np.ndarray
     """A smooth random colour texture (low-frequency, like real images), (H, W, 3) uint8."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8).astype(np.float32)
-    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC).clip(0, 255).astype(
-        np.uint8
+    return (
+        cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+        .clip(0, 255)
+        .astype(np.uint8)
     )

@@ -63,7 +63,9 @@ def test_scorer_needs_its_head(tiny_clip_cfg):
 def test_scorer_is_the_mean_of_per_frame_head_outputs(tiny_clip_cfg, tiny_head_path):
     """aesthetic_score = mean over the evenly picked frames of head(normalised embedding);
     recomputed here from the parts, so a wrong aggregation or missing normalisation shows."""
-    scorer = AestheticScorer(AestheticConfig(clip=tiny_clip_cfg, head_path=str(tiny_head_path), num_frames=3))
+    scorer = AestheticScorer(
+        AestheticConfig(clip=tiny_clip_cfg, head_path=str(tiny_head_path), num_frames=3)
+    )
     frames = np.stack([textured_frame(s) for s in range(7)])
     rows = scorer.score_clips([make_clip(frames), make_clip(frames[:2])])
     assert [set(r) for r in rows] == [set(AestheticScorer.output_schema.names)] * 2

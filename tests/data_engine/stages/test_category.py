@@ -25,7 +25,9 @@ def test_category_is_the_argmax_of_prompt_similarity(tiny_clip_cfg):
 
     model, preprocess, tokenizer, _ = load_clip_from_config(tiny_clip_cfg, "x")
     text = encode_texts(model, tokenizer, [f"a photo of {label}." for label in labels])
-    image = normalize_rows(encode_frame_stacks(model, preprocess, [frames], 8)[0].mean(0, keepdims=True))
+    image = normalize_rows(
+        encode_frame_stacks(model, preprocess, [frames], 8)[0].mean(0, keepdims=True)
+    )
     probs = softmax(model.logit_scale.exp().item() * image @ text.T)[0]
     assert row["category"] == labels[int(np.argmax(probs))]
     assert row["category_score"] == pytest.approx(float(probs.max()), abs=1e-5)

@@ -6,9 +6,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from stage_helpers import make_clip, textured_frame
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
+from stage_helpers import make_clip, textured_frame
 
 from data_engine.stages.base import StageError
 from data_engine.stages.clip_model import (
@@ -25,7 +25,7 @@ from data_engine.stages.tiny_models import make_tiny_open_clip
 def test_tiny_checkpoint_round_trips_through_the_user_loader(tiny_clip_cfg):
     """The tiny model is written to disk and loaded back by the same path real weights take,
     and its provenance marks it as seeded test weights with a content hash."""
-    model, preprocess, tokenizer, prov = load_clip_from_config(tiny_clip_cfg, "embedding.clip")
+    model, _preprocess, tokenizer, prov = load_clip_from_config(tiny_clip_cfg, "embedding.clip")
     assert prov["model_name"] == "stiv-tiny-clip"
     assert prov["seeded_test_weights"] is True
     assert len(prov["checkpoint_sha256"]) == 16
@@ -44,7 +44,10 @@ def test_same_seed_same_bytes_and_embeddings(tmp_path, tiny_clip_cfg):
     _, checkpoint, _ = make_tiny_open_clip(tmp_path, seed=0)
     _, _, _, prov_a = load_clip_from_config(tiny_clip_cfg, "x")
     model, preprocess, _, prov_b = load_open_clip(
-        "stiv-tiny-clip", str(checkpoint), config_key="x", model_config_path=tiny_clip_cfg.model_config_path
+        "stiv-tiny-clip",
+        str(checkpoint),
+        config_key="x",
+        model_config_path=tiny_clip_cfg.model_config_path,
     )
     assert prov_a["checkpoint_sha256"] == prov_b["checkpoint_sha256"]
     frames = np.stack([textured_frame(s) for s in range(3)])
@@ -86,13 +89,16 @@ def test_real_architectures_are_known_offline():
 def test_preprocessor_matches_open_clip_pil_pipeline():
     """Our batched torch preprocessing must feed the model what open_clip's own PIL transform
     would, or real checkpoints would see shifted statistics."""
-    cfg = {"size": 224, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
-           "interpolation": "bicubic", "resize_mode": "shortest"}
+    cfg = {
+        "size": 224,
+        "mean": open_clip.OPENAI_DATASET_MEAN,
+        "std": open_clip.OPENAI_DATASET_STD,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     frame = textured_frame(3, height=360, width=640)
     ours = FramePreprocessor(cfg)(frame[None])[0]
-    theirs = image_transform_v2(PreprocessCfg(**cfg), is_train=False)(
-        Image.fromarray(frame)
-    )
+    theirs = image_transform_v2(PreprocessCfg(**cfg), is_train=False)(Image.fromarray(frame))
     assert ours.shape == theirs.shape == (3, 224, 224)
     assert (ours - theirs).abs().mean() < 0.02  # in normalised units (~0.5% of the range)
 

@@ -1,0 +1,158 @@
+"""Training step time fed from the latents table (Ray Data + Lance) vs from in-memory tensors.
+
+Both runs execute the same steps (same plan, model, seeds) in one process; the only difference
+is where batches come from. If loading is hidden behind compute, the ratio is ~1.0
+(target on CPU: <= 1.10x). Prints one JSON object.
+
+    .venv/bin/python bench/train_input.py [--steps 40] [--rows 256] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.config import get_preset  # noqa: E402
+from model.flow import training_loss  # noqa: E402
+from model.network import STIV  # noqa: E402
+from training.data import _decode_rows, index_table, plan_epoch, rank_feed  # noqa: E402
+from training.optim import AdaFactor  # noqa: E402
+from training.prepare import LATENTS_SCHEMA  # noqa: E402
+
+
+def write_table(uri: str, rows: int, latent_shape: tuple[int, ...], text_shape: tuple[int, int]) -> None:
+    """A latents table in prepare's schema (random values: the bench measures input, not prepare)."""
+    import lance
+
+    rng = np.random.default_rng(0)
+    length, dim = text_shape
+    mask = np.zeros(length, np.uint8)
+    mask[:6] = 1
+    data = {
+        "clip_id": [f"clip-{i}" for i in range(rows)],
+        "caption": ["a red square moves left"] * rows,
+        "bucket": ["f8x32x32"] * rows,
+        "num_frames": [8] * rows,
+        "height": [32] * rows,
+        "width": [32] * rows,
+        "latents": [rng.standard_normal(latent_shape, np.float32).tobytes() for _ in range(rows)],
+        "latent_shape": [list(latent_shape)] * rows,
+        "text_tokens": [rng.standard_normal(text_shape, np.float32).tobytes() for _ in range(rows)],
+        "text_shape": [[length, dim]] * rows,
+        "text_mask": [mask.tobytes()] * rows,
+        "text_pooled": [rng.standard_normal(dim, np.float32).tobytes() for _ in range(rows)],
+        "micro_cond": [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0, 2.0]] * rows,
+    }
+    lance.write_dataset(pa.table(data, schema=LATENTS_SCHEMA), uri, mode="create")
+
+
+def run_steps(model: STIV, batches, steps: int) -> list[float]:
+    """Train `steps` steps from an iterator of (step, batch); returns per-step wall seconds
+    (including the wait for the batch, which is what hidden loading must make negligible)."""
+    opt = AdaFactor(model.parameters(), lr=1e-4)
+    times = []
+    last = time.perf_counter()
+    for step, batch in batches:
+        generator = torch.Generator().manual_seed(step)
+        loss, _ = training_loss(
+            model,
+            batch["latents"],
+            batch["text_tokens"],
+            batch["text_mask"],
+            batch["text_pooled"],
+            batch["micro_cond"],
+            generator=generator,
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        if len(times) >= steps:
+            break
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the median")
+    args = parser.parse_args()
+
+    import ray
+
+    torch.set_num_threads(1)  # as a 0.5-CPU Ray Train worker would; the other core is for data
+    cfg = get_preset("stiv-tiny-cpu", in_channels=48, text_dim=128, max_text_tokens=16)
+    latent_shape, text_shape = (48, 8, 8, 8), (16, 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = str(Path(tmp) / "latents.lance")
+        write_table(uri, args.rows, latent_shape, text_shape)
+        index = index_table(uri, None, "float32")
+        batch_sizes = {k: args.batch for k in index.buckets}
+        total = args.steps + args.warmup
+
+        # In memory: decode every row once, then index the same plan.
+        import lance
+
+        decoded = _decode_rows(lance.dataset(uri).to_table(), "float32")
+        tensors = {k: torch.from_numpy(v) for k, v in decoded.items()}
+
+        def memory_batches():
+            step, epoch = 0, 0
+            while True:
+                for _, rows in plan_epoch(index.buckets, batch_sizes, 1, 0, epoch):
+                    yield step, {k: v[torch.from_numpy(rows)] for k, v in tensors.items()}
+                    step += 1
+                epoch += 1
+
+        torch.manual_seed(0)
+        memory_times = run_steps(STIV(cfg).train(), memory_batches(), total)
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            torch.manual_seed(0)
+            feed = rank_feed(index, batch_sizes, 1, 0, 0, 0, total, prefetch=4, num_cpus=0.5)
+            try:
+                table_times = run_steps(STIV(cfg).train(), feed, total)
+            finally:
+                feed.close()  # stop the Ray Data iterator before Ray goes away
+        finally:
+            ray.shutdown()
+
+    memory_s = statistics.median(memory_times[args.warmup :])
+    table_s = statistics.median(table_times[args.warmup :])
+    print(
+        json.dumps(
+            {
+                "device": "cpu",
+                "model": cfg.name,
+                "batch": args.batch,
+                "steps_measured": len(memory_times) - args.warmup,
+                "step_s_in_memory": round(memory_s, 4),
+                "step_s_latents_table": round(table_s, 4),
+                "ratio": round(table_s / memory_s, 3),
+                "target_ratio": 1.10,
+                "mean_s_in_memory": round(statistics.mean(memory_times[args.warmup :]), 4),
+                "mean_s_latents_table": round(statistics.mean(table_times[args.warmup :]), 4),
+                "table_step_times_s": [round(t, 3) for t in table_times],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,620 @@
+"""`stiv train`: one stage of the progressive recipe with Ray Train + DeepSpeed ZeRO.
+
+The driver (`run_train`) resolves the config, the model shape (from the preset, the latents
+table's encoders and the parent run), sizes the workers from the cluster's resources, and starts
+a `TorchTrainer`. Each worker (`train_worker`) builds the model, initialises it from the parent
+run's EMA weights (`init_from`), wraps it in DeepSpeed, and steps through its deterministic
+bucket-per-batch feed (`training.data`), logging and checkpointing through Ray Train.
+
+Numbers (STIV-RECIPE.md, Training): AdaFactor beta1 0.9 / beta2 0.999 without weight decay,
+gradient clipping 1.0, constant LR 2e-4 after 1k linear warm-up steps, fp32 EMA 0.9999.
+Precision: fp32 on the CPU (gloo; fp16 is unavailable there), bf16 autocast over fp32 weights on
+GPUs, so the fp32 master weights are the parameters themselves and are what checkpoints hold
+(LESSONS.md: rebuilding masters from bf16 caused loss surges).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from stiv.config import load_config, save_config, to_dict
+
+INIT_MODES = ("none", "plain", "t2v_from_t2i", "both")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class ModelSection:
+    """The network: a preset plus overrides of STIVConfig fields."""
+
+    preset: str = "stiv-tiny-cpu"  # model.config preset name
+    overrides: dict[str, Any] = field(default_factory=dict)  # STIVConfig fields, e.g. mask_ratio
+
+    def __post_init__(self) -> None:
+        from model.config import get_preset
+
+        try:
+            get_preset(self.preset, **self.overrides)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"model: {err}") from None
+
+
+@dataclass
+class InitFromSection:
+    """Where this stage's weights start (STIV-RECIPE.md, progressive recipe)."""
+
+    run_dir: str = ""  # parent run whose latest EMA weights start this one ("" = from scratch)
+    mode: Literal["none", "plain", "t2v_from_t2i", "both"] = "none"  # plain: same shapes;
+    # t2v_from_t2i: all but temporal attention, patch embedding inflated; both: all but temporal
+    # attention from run_dir, temporal attention from temporal_run_dir
+    temporal_run_dir: str = ""  # mode=both: the (low-resolution) T2V run giving temporal attention
+    inherit_rope: bool = True  # keep the parent's RoPE base sizes (interpolate when growing)
+
+    def __post_init__(self) -> None:
+        if self.mode == "none" and self.run_dir:
+            raise ValueError("init_from.mode: give a mode (plain | t2v_from_t2i | both) with run_dir")
+        if self.mode != "none" and not self.run_dir:
+            raise ValueError(f"init_from.run_dir: required for mode {self.mode!r}")
+        if self.mode == "both" and not self.temporal_run_dir:
+            raise ValueError("init_from.temporal_run_dir: required for mode 'both'")
+
+
+@dataclass
+class OptimizerSection:
+    """Optimizer and schedule (STIV-RECIPE.md, Training)."""
+
+    name: Literal["adafactor", "adamw"] = "adafactor"  # see training/optim.py for the variant
+    lr: float = 2e-4  # peak learning rate
+    warmup_steps: int = 1000  # linear warm-up, then constant
+    beta1: float = 0.9  # first-moment decay
+    beta2: float = 0.999  # second-moment decay (constant)
+    weight_decay: float = 0.0  # the paper uses none
+    grad_clip: float = 1.0  # global gradient-norm clip
+    factored: bool = True  # AdaFactor: factor the second moment of >= 2-D tensors
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("optimizer.lr: must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError("optimizer.warmup_steps: must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 < self.beta2 < 1):
+            raise ValueError("optimizer.beta1/beta2: must be in [0, 1)")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("optimizer.grad_clip/weight_decay: must be >= 0")
+
+
+@dataclass
+class ObjectiveSection:
+    """Flow matching and conditioning (STIV-RECIPE.md, Objective)."""
+
+    timestep_sampler: Literal["uniform", "logit_normal"] = "logit_normal"  # t distribution
+    text_dropout: float = 0.1  # probability of the encoded empty prompt
+    image_dropout: float = 0.08  # probability of dropping the given frames (TI2V -> T2V)
+    given_frames: Literal["none", "first", "first_k", "endpoints"] = "none"  # frame replacement:
+    # none = T2I/T2V, first = TI2V (STIV), first_k = prediction, endpoints = interpolation
+    num_given_frames: int = 1  # latent frames given for first_k
+
+    def __post_init__(self) -> None:
+        for name in ("text_dropout", "image_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"objective.{name}: must be in [0, 1)")
+        if self.num_given_frames < 1:
+            raise ValueError("objective.num_given_frames: must be >= 1")
+
+
+@dataclass
+class DataSection:
+    """Batches (per rank) and the input pipeline."""
+
+    batch_size: int = 8  # samples per rank per step, for every bucket not listed below
+    bucket_batch_size: dict[str, int] = field(default_factory=dict)  # bucket key -> per-rank batch
+    prefetch_steps: int = 4  # batches Ray Data prepares ahead of the model
+    fetch_num_cpus: float = 0.25  # CPUs reserved by each batch-fetching task
+    table_version: int = 0  # latents table version to read (0 = latest at the first start)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or any(v < 1 for v in self.bucket_batch_size.values()):
+            raise ValueError("data.batch_size: must be >= 1")
+        if self.prefetch_steps < 1 or self.fetch_num_cpus <= 0:
+            raise ValueError("data.prefetch_steps/fetch_num_cpus: must be >= 1 / > 0")
+
+
+@dataclass
+class ScalingSection:
+    """Workers, sized from the cluster's resources so data tasks keep CPUs (ENV-NOTES.md)."""
+
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPUs when the cluster has them
+    num_workers: int = 0  # data-parallel ranks (0 = one per GPU, or per spare CPU)
+    cpus_per_worker: float = 0.0  # CPUs per rank (0 = split what is left after data_cpus)
+    data_cpus: float = 1.0  # CPUs kept free for Ray Data's read/fetch tasks
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 (replicated), 1, 2 (optimizer+grad partitions)
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint (FailureConfig)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            # ZeRO-3 would partition parameters, so the fp32 EMA could not be updated or saved
+            # from rank 0 without gathering every step.
+            raise ValueError("scaling.zero_stage: must be 0, 1 or 2")
+        if self.num_workers < 0 or self.cpus_per_worker < 0 or self.data_cpus < 0:
+            raise ValueError("scaling.num_workers/cpus_per_worker/data_cpus: must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage."""
+
+    db: str = ""  # database directory/URI holding the latents table
+    latents_table: str = "latents"  # written by `stiv prepare`
+    run_dir: str = ""  # where checkpoints, metrics and the resolved config go
+    max_steps: int = 1000  # optimizer steps in total (resume continues up to this)
+    seed: int = 0  # data order, noise, dropout
+    init_from: InitFromSection = field(default_factory=InitFromSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    data: DataSection = field(default_factory=DataSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    ema_decay: float = 0.9999  # EMA of weights (fp32)
+    ema_warmup: bool = False  # ramp the decay as (1+s)/(10+s) (short CPU runs)
+    log_every: int = 10  # steps between metric lines
+    checkpoint_every: int = 500  # steps between checkpoints (and at max_steps)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    gpu_peak_tflops: float = 989.0  # dense bf16 peak per GPU for the MFU estimate (H100 SXM)
+    debug_kill_rank: int = -1  # fault injection for the recovery test: this rank exits...
+    debug_kill_at_step: int = -1  # ...once, at this step (-1 = never)
+
+    def __post_init__(self) -> None:
+        if not self.db:
+            raise ValueError("db: the database holding the latents table is required")
+        if not self.run_dir:
+            raise ValueError("run_dir: required")
+        for name in ("max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("ema_decay: must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------- driver helpers
+
+
+def read_latents_meta(db_uri: str, latents_table: str) -> dict[str, Any]:
+    """The one-row meta table `stiv prepare` wrote (encoders, empty prompt)."""
+    from data_engine.store import Database
+    from training.prepare import meta_table_name
+
+    db = Database(db_uri)
+    if not db.has_table(latents_table):
+        raise FileNotFoundError(f"latents_table: {latents_table!r} not found in {db.uri} (run stiv prepare)")
+    return db.table(meta_table_name(latents_table)).to_table().to_pylist()[0]
+
+
+def resolve_model_config(cfg: TrainConfig, meta: dict[str, Any]):  # noqa: ANN201 - STIVConfig
+    """Preset + overrides, with the encoder dims from the latents table and, when growing from
+    a parent run, the parent's RoPE base sizes (positions interpolate: STIV-RECIPE.md)."""
+    from model.config import get_preset
+    from model.init import inherit_rope_base
+    from training.checkpoint import load_ema_state
+
+    derived = {
+        "in_channels": int(meta["latent_channels"]),
+        "text_dim": int(meta["text_dim"]),
+        "max_text_tokens": int(meta["text_len"]),
+    }
+    for key, value in derived.items():
+        given = cfg.model.overrides.get(key)
+        if given is not None and int(given) != value:
+            raise ValueError(f"model.overrides.{key}: {given} but the latents table has {value}")
+    model_cfg = get_preset(cfg.model.preset, **{**cfg.model.overrides, **derived})
+    if cfg.init_from.mode != "none" and cfg.init_from.inherit_rope:
+        _, parent = load_ema_state(cfg.init_from.run_dir)
+        model_cfg = inherit_rope_base(model_cfg, parent)
+    return model_cfg
+
+
+def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dict[str, Any]:
+    """Workers from cluster resources. On CPU the workers share what is left after `data_cpus`,
+    so Ray Data tasks can always be scheduled (ENV-NOTES.md: 2 workers at 1 CPU each on a
+    2-core machine deadlock)."""
+    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    use_gpu = scaling.device == "gpu" or (scaling.device == "auto" and gpus >= 1)
+    if scaling.device == "gpu" and gpus < 1:
+        raise ValueError("scaling.device: 'gpu' but the cluster has no GPUs")
+    spare = cpus - scaling.data_cpus
+    if use_gpu:
+        workers = scaling.num_workers or int(gpus)
+    else:
+        workers = scaling.num_workers or max(1, int(spare))
+    per_worker = scaling.cpus_per_worker or spare / workers
+    if per_worker <= 0 or per_worker * workers > cpus:
+        raise ValueError(
+            f"scaling: {workers} workers x {per_worker:.2f} CPUs do not fit {cpus:.0f} CPUs "
+            f"with {scaling.data_cpus} kept for data"
+        )
+    return {"num_workers": workers, "cpus_per_worker": per_worker, "use_gpu": use_gpu}
+
+
+def initial_state(cfg: TrainConfig, model_cfg) -> dict:  # noqa: ANN001
+    """State dict a stage starts from (STIV-RECIPE.md, progressive recipe): the parent's EMA
+    weights as they are (plain), inflated T2I -> T2V, or the "both" merge; None from scratch."""
+    from model.init import init_both, init_video_from_image
+    from model.network import STIV
+    from training.checkpoint import load_ema_state
+
+    mode = cfg.init_from.mode
+    if mode == "none":
+        return {}
+    model = STIV(model_cfg)
+    parent, _ = load_ema_state(cfg.init_from.run_dir)
+    if mode == "plain":
+        model.load_state_dict(parent, strict=True)
+    elif mode == "t2v_from_t2i":
+        init_video_from_image(model, parent)
+    else:
+        temporal, _ = load_ema_state(cfg.init_from.temporal_run_dir)
+        init_both(model, parent, temporal)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float:  # noqa: ANN001
+    """Training FLOPs for one sample (forward + backward = 3x forward), counted as 2 x MACs of
+    every matmul: linear layers (2 x block weights x tokens) plus attention scores and weighted
+    sums (spatial 4 N^2 d per frame, temporal 4 T^2 d per position, cross 4 N L d per frame)."""
+    c, t, h, w = latent_shape
+    p, pt, d = model_cfg.patch_size, model_cfg.temporal_patch_size, model_cfg.hidden_size
+    tt, n = max(1, t // pt), (h // p) * (w // p)
+    tokens = tt * n
+    temporal = 4 * d * d if model_cfg.temporal_attention and tt > 1 else 0
+    per_token_block = 2 * (4 * d * d + temporal + 2 * d * d + 2 * d * model_cfg.mlp_hidden)
+    per_sample_block = per_token_block * tokens + 2 * 2 * d * d * text_len
+    attention = 4 * n * n * d * tt + (4 * tt * tt * d * n if temporal else 0) + 4 * n * text_len * d * tt
+    forward = model_cfg.total_blocks * (per_sample_block + attention)
+    forward += 2 * tokens * d * (c * p * p * pt) * 2  # patch embedding + final projection
+    return 3.0 * forward
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _given_frames(objective: ObjectiveSection, batch: int, frames: int):  # noqa: ANN202
+    from model.flow import endpoints_mask, first_frames_mask
+
+    if objective.given_frames == "none" or frames < 2:
+        return None
+    if objective.given_frames == "first":
+        return first_frames_mask(batch, frames, 1)
+    if objective.given_frames == "first_k":
+        return first_frames_mask(batch, frames, min(objective.num_given_frames, frames - 1))
+    return endpoints_mask(batch, frames)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """After a restart, drop metric lines past the restored step (they will be recomputed)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(f"{ln}\n" for ln in kept))
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop: build, initialise/restore, then step, log and checkpoint."""
+    import tempfile
+
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import load_file, save_file
+
+    from model.config import STIVConfig
+    from model.flow import training_loss
+    from model.network import STIV
+    from training.checkpoint import EMA_FILE, MODEL_CONFIG_FILE, TRAIN_STATE_FILE
+    from training.data import index_table, rank_feed
+    from training.optim import EMA, build_optimizer, optimizer_state_bytes, warmup_constant
+
+    cfg = load_config(TrainConfig, base=loop_config["config"])
+    model_cfg = STIVConfig.from_dict(loop_config["model_config"])
+    meta = loop_config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = loop_config["use_gpu"]
+    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    run_dir = Path(cfg.run_dir)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = STIV(model_cfg)
+    # After a worker-group restart Ray Train hands back the latest reported checkpoint; on a new
+    # `stiv train` of an existing run the driver passes the run's latest checkpoint.
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and loop_config["resume_path"]:
+        ckpt = ray.train.Checkpoint(loop_config["resume_path"])
+    if ckpt is None and loop_config.get("init_state"):
+        model.load_state_dict(loop_config["init_state"], strict=True)
+    model.to(device)
+    optimizer = build_optimizer(
+        model.parameters(),
+        cfg.optimizer.name,
+        cfg.optimizer.lr,
+        cfg.optimizer.beta1,
+        cfg.optimizer.beta2,
+        cfg.optimizer.weight_decay,
+        cfg.optimizer.factored,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.optimizer.warmup_steps))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        # A client optimizer (AdaFactor) under ZeRO needs this (LESSONS.md).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    ema = EMA(engine.module, cfg.ema_decay, cfg.ema_warmup) if rank == 0 else None
+
+    step = 0
+    table_version = int(loop_config["table_version"])
+    if ckpt is not None:
+        with ckpt.as_directory() as ckpt_dir:
+            ckpt_dir = Path(ckpt_dir)
+            engine.load_checkpoint(str(ckpt_dir / "ds"), tag="state")
+            state = json.loads((ckpt_dir / TRAIN_STATE_FILE).read_text())
+            step, table_version = int(state["step"]), int(state["table_version"])
+            if ema is not None:
+                ema.load_state_dict(load_file(str(ckpt_dir / EMA_FILE)))
+            rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+            if rng_file.is_file():
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+    metrics_path = run_dir / "metrics.jsonl"
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _truncate_metrics(metrics_path, step)
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step)
+
+    index = index_table(
+        loop_config["latents_uri"], table_version, meta["storage_dtype"], loop_config["storage_options"]
+    )
+    batch_sizes = {k: cfg.data.bucket_batch_size.get(k, cfg.data.batch_size) for k in index.buckets}
+    null_text = (
+        torch.from_numpy(np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, model_cfg.text_dim).copy()),
+        torch.from_numpy(np.frombuffer(meta["empty_mask"], np.uint8).astype(bool)),
+        torch.from_numpy(np.frombuffer(meta["empty_pooled"], np.float32).copy()),
+    )
+    null_text = tuple(x.to(device) for x in null_text)
+
+    def save_checkpoint(at_step: int, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_dir = Path(tmp)
+            engine.save_checkpoint(str(tmp_dir / "ds"), tag="state")
+            torch.save(_rng_state(), tmp_dir / f"rng_rank{rank}.pt")
+            if rank == 0:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp_dir / EMA_FILE))
+                (tmp_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict()))
+                (tmp_dir / TRAIN_STATE_FILE).write_text(
+                    json.dumps({"step": at_step, "table_version": index.version, "seed": cfg.seed, "world_size": world})
+                )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(tmp_dir)),
+                checkpoint_dir_name=f"checkpoint_{at_step:08d}",
+            )
+
+    engine.train()
+    last = time.perf_counter()
+    optim_bytes = None
+    for step_index, batch in rank_feed(
+        index,
+        batch_sizes,
+        world,
+        rank,
+        cfg.seed,
+        step,
+        cfg.max_steps,
+        prefetch=cfg.data.prefetch_steps,
+        num_cpus=cfg.data.fetch_num_cpus,
+        storage_options=loop_config["storage_options"],
+    ):
+        if rank == cfg.debug_kill_rank and step_index == cfg.debug_kill_at_step:
+            marker = run_dir / f".killed_rank{rank}_step{step_index}"
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)  # a real worker death: Ray Train restarts the group (FailureConfig)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        x1 = batch["latents"]
+        b, _, frames = x1.shape[:3]
+        # Per-(step, rank) noise: a restart or resume draws exactly the same noise.
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index * 1009 + rank)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_gpu):
+            loss, _ = training_loss(
+                engine,
+                x1,
+                batch["text_tokens"],
+                batch["text_mask"],
+                batch["text_pooled"],
+                batch["micro_cond"],
+                given_frames=_given_frames(cfg.objective, b, frames),
+                null_text=null_text,
+                p_text=cfg.objective.text_dropout,
+                p_image=cfg.objective.image_dropout,
+                timestep_sampler=cfg.objective.timestep_sampler,
+                generator=generator,
+            )
+        engine.backward(loss)
+        engine.step()
+        step = step_index + 1
+        if ema is not None:
+            ema.update(engine.module, step)
+        if optim_bytes is None:
+            optim_bytes = optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer))
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            stats = torch.tensor([loss.item(), float(b)], dtype=torch.float64)
+            dist.all_reduce(stats)
+            grad_norm = engine.get_global_grad_norm()
+            now = time.perf_counter()
+            elapsed, last = now - last, now
+            global_batch = stats[1].item()
+            tokens = global_batch * _tokens_per_sample(model_cfg, list(x1.shape[1:]))
+            logged = {
+                "step": step,
+                "loss": stats[0].item() / world,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "samples_per_s": global_batch * cfg.log_every / elapsed,
+                "tokens_per_s": tokens * cfg.log_every / elapsed,
+                "optimizer_state_bytes_rank0": optim_bytes,
+            }
+            if use_gpu:
+                flops = flops_per_sample(model_cfg, list(x1.shape[1:]), batch["text_tokens"].shape[1])
+                logged["mfu"] = logged["samples_per_s"] * flops / (world * cfg.gpu_peak_tflops * 1e12)
+            if rank == 0:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(logged) + "\n")
+                for key, value in logged.items():
+                    if key != "step" and value is not None:
+                        writer.add_scalar(f"train/{key}", value, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(step, {"step": step, "loss": loss.item()})
+    if writer is not None:
+        writer.close()
+
+
+def _tokens_per_sample(model_cfg, latent_shape: list[int]) -> int:  # noqa: ANN001
+    _, t, h, w = latent_shape
+    return max(1, t // model_cfg.temporal_patch_size) * (h // model_cfg.patch_size) * (w // model_cfg.patch_size)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_train(
+    config_path: str | Path | None,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train one stage; returns a summary (steps, final loss, run dir, seconds, scaling).
+
+    Rerunning the same command continues from the run's latest checkpoint; `resume=True`
+    additionally insists that one exists."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data_engine.store import Database
+    from training.checkpoint import list_checkpoints
+
+    start_s = time.time()
+    cfg = load_config(TrainConfig, config_path, overrides)
+    run_dir = Path(cfg.run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    meta = read_latents_meta(cfg.db, cfg.latents_table)
+    model_cfg = resolve_model_config(cfg, meta)
+    checkpoints = list_checkpoints(run_dir)
+    if resume and not checkpoints:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
+    db = Database(cfg.db)
+    table_version = cfg.data.table_version or db.table(cfg.latents_table).version
+    save_config(cfg, run_dir / "resolved_config.yaml")
+    (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+        started = True
+    try:
+        scaling = resolve_scaling(cfg.scaling, ray.cluster_resources())
+        loop_config = {
+            "config": to_dict(cfg),
+            "model_config": model_cfg.to_dict(),
+            "meta": meta,
+            "init_state": initial_state(cfg, model_cfg) if not checkpoints else {},
+            "latents_uri": db.uri_for(cfg.latents_table),
+            "storage_options": db.storage_options,
+            "table_version": table_version,
+            "resume_path": str(checkpoints[-1][1]) if checkpoints else "",
+            **scaling,
+        }
+        resources = {"CPU": scaling["cpus_per_worker"]}
+        if scaling["use_gpu"]:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=scaling["num_workers"],
+                use_gpu=scaling["use_gpu"],
+                resources_per_worker=resources,
+            ),
+            run_config=ray.train.RunConfig(
+                name=run_dir.name,
+                storage_path=str(run_dir.parent),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            ),
+        )
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    final = list_checkpoints(run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "steps": final[-1][0] if final else 0,
+        "final_loss": metrics[-1]["loss"] if metrics else None,
+        "resumed_from_step": checkpoints[-1][0] if checkpoints else 0,
+        "checkpoint": str(final[-1][1]) if final else None,
+        "num_workers": scaling["num_workers"],
+        "cpus_per_worker": scaling["cpus_per_worker"],
+        "use_gpu": scaling["use_gpu"],
+        "parameters": int(sum(np.prod(s) for s in param_shapes(model_cfg))),
+        "seconds": round(time.time() - start_s, 1),
+    }
+
+
+def param_shapes(model_cfg) -> list[tuple[int, ...]]:  # noqa: ANN001
+    """Parameter shapes counted on the meta device (no memory)."""
+    import torch
+
+    from model.network import STIV
+
+    with torch.device("meta"):
+        model = STIV(model_cfg)
+    return [tuple(p.shape) for p in model.parameters()]
