@@ -13,11 +13,16 @@ shared machine hits all of them alike). Reported:
   warm-up step). The minimum is the least contention-sensitive statistic; the median is in the
   JSON. One torch thread by default: with OpenMP spinning, several threads on a loaded 2-core
   machine give erratic times;
-- memory on CPU: the peak resident-set growth of the process during the first forward+backward,
-  `ru_maxrss` (from `resource.getrusage`, the kernel's high-water mark) minus the RSS read from
-  /proc/self/statm just before the step. This includes allocator slack but no Python objects of
-  note, so it tracks the activations kept for backward. On CUDA: `torch.cuda.max_memory_allocated`
-  growth over the step (exact tensor bytes).
+- peak memory, two ways:
+  * tensor peak (the headline number; exact): on CPU, the torch profiler's memory timeline
+    (`profile(profile_memory=True, record_shapes=True, with_stack=True)._memory_profile()`) of
+    one extra, separately run forward+backward: the maximum over time of the bytes of live CPU
+    tensors, counted from the start of the step (parameters and inputs included, gradients
+    included). On CUDA: `torch.cuda.max_memory_allocated()` over the step.
+  * RSS growth (CPU only, a cross-check): `ru_maxrss` (kernel high-water mark, from
+    `resource.getrusage`) minus the RSS read from /proc/self/statm just before the first step.
+    It includes glibc allocator slack (freed memory kept mapped), so it overstates what
+    gradient checkpointing saves.
 
 Configurations (all else equal): baseline (unmasked, no checkpointing, temporal patch 2),
 MaskDiT 50%, gradient checkpointing (keep only self-attention outputs), MaskDiT 50% + checkpointing,
@@ -56,6 +61,27 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _profiled_peak(step) -> int:
+    """Peak bytes of live CPU tensors during `step()`, from the profiler's memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    cur = peak = 0
+    for _, action, (key, _), size in prof._memory_profile().timeline:
+        if key.device.type != "cpu":
+            continue
+        if action in (Action.CREATE, Action.PREEXISTING):
+            cur += size
+        elif action == Action.DESTROY:
+            cur -= size
+        peak = max(peak, cur)
+    return peak
+
+
 def child(args: argparse.Namespace, overrides: dict) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
@@ -84,19 +110,20 @@ def child(args: argparse.Namespace, overrides: dict) -> dict:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    rss_growth = None
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        mem_how = "cuda max_memory_allocated growth"
+        peak = torch.cuda.max_memory_allocated()
+        mem_how = "torch.cuda.max_memory_allocated"
     else:
         base = _rss_bytes()
         step()
-        peak = _maxrss_bytes() - base
-        mem_how = "ru_maxrss - RSS before the step"
+        rss_growth = _maxrss_bytes() - base
+        peak = _profiled_peak(step) if args._memory else None
+        mem_how = "torch profiler memory timeline: peak live CPU tensor bytes"
     times = []
     for _ in range(args.iters):
         if dev.type == "cuda":
@@ -109,6 +136,7 @@ def child(args: argparse.Namespace, overrides: dict) -> dict:
     return {
         "times_s": times,
         "peak_mem_bytes": peak,
+        "rss_growth_bytes": rss_growth,
         "memory_measure": mem_how,
         "tokens_per_sample": (t // cfg.temporal_patch_size) * (s // cfg.patch_size) ** 2,
         "threads": torch.get_num_threads(),
@@ -116,7 +144,9 @@ def child(args: argparse.Namespace, overrides: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="stiv-bench-cpu")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--frames", type=int, default=8, help="latent frames")
@@ -128,13 +158,14 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     ap.add_argument("--json", default="", help="also write the results here")
     ap.add_argument("--_child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args._child:
         print(json.dumps(child(args, json.loads(args._child))))
         return
 
-    from model.info import model_info  # noqa: PLC0415 (import after sys.path is set)
+    from model.info import model_info
 
     info = model_info(args.preset)
     print(
@@ -150,28 +181,40 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--_child", json.dumps(CONFIGS[name])]
             for k in ("preset", "batch", "frames", "size", "iters", "threads", "device"):
                 cmd += [f"--{k}", str(getattr(args, k))]
+            if rnd == 0:  # the profiled memory step is deterministic: once is enough
+                cmd.append("--_memory")
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  round {rnd + 1}/{args.rounds} {name:<15} {min(runs[name][-1]['times_s']):7.3f} s", flush=True)
+            print(
+                f"  round {rnd + 1}/{args.rounds} {name:<15} {min(runs[name][-1]['times_s']):7.3f} s",
+                flush=True,
+            )
     results = {}
     for name in names:
         rs = runs[name]
         all_t = [t for r in rs for t in r["times_s"]]
+        rss = [r["rss_growth_bytes"] for r in rs if r["rss_growth_bytes"] is not None]
+        peaks = [r["peak_mem_bytes"] for r in rs if r["peak_mem_bytes"] is not None]
         results[name] = {
             "time_s": min(all_t),
             "time_median_s": statistics.median(all_t),
             "times_s": all_t,
-            "peak_mem_bytes": int(statistics.median(r["peak_mem_bytes"] for r in rs)),
-            "peak_mem_runs": [r["peak_mem_bytes"] for r in rs],
+            "peak_mem_bytes": max(peaks),
+            "rss_growth_bytes": int(statistics.median(rss)) if rss else None,
             "memory_measure": rs[0]["memory_measure"],
             "tokens_per_sample": rs[0]["tokens_per_sample"],
             "threads": rs[0]["threads"],
         }
-    print("per configuration (time: min over rounds; memory: median over rounds):")
+    print("per configuration (time: min over rounds; RSS growth: median over rounds):")
     for name, r in results.items():
+        rss = (
+            ""
+            if r["rss_growth_bytes"] is None
+            else f"  RSS growth {r['rss_growth_bytes'] / 2**20:7.1f} MiB"
+        )
         print(
             f"  {name:<15} tokens/sample {r['tokens_per_sample']:>5}  fwd+bwd {r['time_s']:7.3f} s "
-            f"(median {r['time_median_s']:.3f})  peak mem {r['peak_mem_bytes'] / 2**20:8.1f} MiB"
+            f"(median {r['time_median_s']:.3f})  peak tensor mem {r['peak_mem_bytes'] / 2**20:7.1f} MiB{rss}"
         )
     base = results.get("baseline")
     ratios = {}
@@ -184,12 +227,20 @@ def main() -> None:
                 "time": r["time_s"] / base["time_s"],
                 "memory": r["peak_mem_bytes"] / max(base["peak_mem_bytes"], 1),
             }
-            print(f"  {name:<15} time x{ratios[name]['time']:.3f}  memory x{ratios[name]['memory']:.3f}")
+            line = f"  {name:<15} time x{ratios[name]['time']:.3f}  memory x{ratios[name]['memory']:.3f}"
+            if r["rss_growth_bytes"] is not None and base["rss_growth_bytes"]:
+                ratios[name]["rss_growth"] = r["rss_growth_bytes"] / base["rss_growth_bytes"]
+                line += f"  (RSS growth x{ratios[name]['rss_growth']:.3f})"
+            print(line)
         if "maskdit50" in ratios:
             ok = ratios["maskdit50"]["time"] <= 0.65
-            print(f"MaskDiT 50% time ratio {ratios['maskdit50']['time']:.3f} (target <= 0.65): {'OK' if ok else 'MISSED'}")
+            print(
+                f"MaskDiT 50% time ratio {ratios['maskdit50']['time']:.3f} (target <= 0.65): {'OK' if ok else 'MISSED'}"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "ratios": ratios}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "results": results, "ratios": ratios}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -96,7 +96,10 @@ class STIVConfig:
             "frequency_embedding_size",
         ):
             pos_int(n)
-        if not isinstance(self.num_extra_unmasked_blocks, int) or self.num_extra_unmasked_blocks < 0:
+        if (
+            not isinstance(self.num_extra_unmasked_blocks, int)
+            or self.num_extra_unmasked_blocks < 0
+        ):
             errors.append("num_extra_unmasked_blocks must be an int >= 0")
         elif isinstance(self.num_blocks, int) and self.num_extra_unmasked_blocks >= self.num_blocks:
             errors.append("num_extra_unmasked_blocks must be < num_blocks (they are part of it)")
@@ -107,7 +110,9 @@ class STIVConfig:
                 )
             elif (self.hidden_size // self.num_heads) % 4:
                 # 2D RoPE gives each spatial axis half the head dim, rotated in pairs.
-                errors.append(f"head dim {self.hidden_size // self.num_heads} must be a multiple of 4")
+                errors.append(
+                    f"head dim {self.hidden_size // self.num_heads} must be a multiple of 4"
+                )
             if self.frequency_embedding_size % 2:
                 errors.append("frequency_embedding_size must be even")
         if not (self.mlp_ratio > 0):

@@ -63,7 +63,9 @@ def velocity_target(x1: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- frame replacement
 
 
-def replace_frames(x_t: torch.Tensor, clean: torch.Tensor, given_frames: torch.Tensor | None) -> torch.Tensor:
+def replace_frames(
+    x_t: torch.Tensor, clean: torch.Tensor, given_frames: torch.Tensor | None
+) -> torch.Tensor:
     """Overwrite the given frames of x_t (B, C, T, H, W) with `clean` (bit-exact copy).
 
     `given_frames`: (B, T) bool, True = replaced by the clean latent. None = nothing given."""
@@ -112,7 +114,9 @@ def random_spatial_mask(
     return idx.to(device) if device is not None else idx
 
 
-def visible_latent_mask(token_keep: torch.Tensor, grid_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
+def visible_latent_mask(
+    token_keep: torch.Tensor, grid_hw: tuple[int, int], patch_size: int
+) -> torch.Tensor:
     """Kept token indices (B, K) -> (B, 1, 1, H, W) float mask over latent pixels (1 = visible)."""
     ht, wt = grid_hw
     b = token_keep.shape[0]
@@ -143,7 +147,9 @@ def flow_matching_loss(
     if given_frames is not None:
         weight = weight * (~given_frames.bool()).float()[:, None, :, None, None]
     if token_keep is not None:
-        weight = weight * visible_latent_mask(token_keep, (h // patch_size, w // patch_size), patch_size)
+        weight = weight * visible_latent_mask(
+            token_keep, (h // patch_size, w // patch_size), patch_size
+        )
     weight = weight.expand(b, 1, t, h, w)
     denom = (weight.sum() * c).clamp(min=1.0)
     return (err * weight).sum() / denom

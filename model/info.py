@@ -45,7 +45,9 @@ def model_info(preset: str | STIVConfig, **overrides: Any) -> dict[str, Any]:
     """Counts for `preset` (a preset name or a config): `parameters`, `parameters_without_temporal`
     and `components` ({name: count}); for paper presets also the paper's figure and which count
     matches it."""
-    cfg = get_preset(preset, **overrides) if isinstance(preset, str) else preset.replace(**overrides)
+    cfg = (
+        get_preset(preset, **overrides) if isinstance(preset, str) else preset.replace(**overrides)
+    )
     with torch.device("meta"):
         model = STIV(cfg)
     components: dict[str, int] = defaultdict(int)

@@ -62,7 +62,10 @@ def _inflate(key: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor | N
         pt = dst.shape[2]
         if src.shape[:2] + src.shape[3:] == dst.shape[:2] + dst.shape[3:]:
             return src.repeat(1, 1, pt, 1, 1) / pt
-    if key in ("final_layer.linear.weight", "final_layer.linear.bias") and dst.shape[0] % src.shape[0] == 0:
+    if (
+        key in ("final_layer.linear.weight", "final_layer.linear.bias")
+        and dst.shape[0] % src.shape[0] == 0
+    ):
         pt = dst.shape[0] // src.shape[0]
         if src.shape[1:] == dst.shape[1:]:
             # output layout is (pt, p, p, C) with pt outermost: repeat the image head per sub-frame
@@ -87,7 +90,9 @@ def _merge_spatial(
             continue
         inflated = _inflate(k, src.detach(), dst)
         if inflated is None:
-            raise ValueError(f"shape mismatch for {k}: source {tuple(src.shape)} vs target {tuple(dst.shape)}")
+            raise ValueError(
+                f"shape mismatch for {k}: source {tuple(src.shape)} vs target {tuple(dst.shape)}"
+            )
         new_sd[k] = inflated.to(dtype=dst.dtype, device=dst.device)
         report["inflated"].append(k)
     report["ignored"] = sorted(k for k in source if k not in target or is_temporal_key(k))
@@ -137,7 +142,9 @@ def init_both(
         if k not in tsrc:
             raise KeyError(f"temporal source has no {k}")
         if tsrc[k].shape != target[k].shape:
-            raise ValueError(f"shape mismatch for {k}: {tuple(tsrc[k].shape)} vs {tuple(target[k].shape)}")
+            raise ValueError(
+                f"shape mismatch for {k}: {tuple(tsrc[k].shape)} vs {tuple(target[k].shape)}"
+            )
         new_sd[k] = tsrc[k].detach().to(dtype=target[k].dtype, device=target[k].device).clone()
         report["temporal"].append(k)
         report["new"].remove(k)
@@ -146,4 +153,6 @@ def init_both(
 
 def inherit_rope_base(child: STIVConfig, parent: STIVConfig) -> STIVConfig:
     """Child config with the parent's RoPE base sizes (positions interpolated when it grows)."""
-    return child.replace(rope_base_grid=parent.rope_base_grid, rope_base_frames=parent.rope_base_frames)
+    return child.replace(
+        rope_base_grid=parent.rope_base_grid, rope_base_frames=parent.rope_base_frames
+    )

@@ -44,7 +44,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------- embeddings
 
 
-def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def sinusoidal_embedding(
+    values: torch.Tensor, dim: int, max_period: float = 10000.0
+) -> torch.Tensor:
     """(...,) float -> (..., dim) fp32 [cos | sin] embedding (DiT's timestep embedding)."""
     half = dim // 2
     freqs = torch.exp(
@@ -52,6 +54,18 @@ def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 100
     )
     args = values.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pooled text: the embedding at the last real (non-padding, EOS) position of each row.
+
+    hidden (B, L, D), mask (B, L) bool with True = real token (any padding side). A row with no
+    real token falls back to position 0. This is what `text_pooled` should be for a causal text
+    encoder (never a padding position, LESSONS.md)."""
+    m = mask.bool()
+    pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, pos, torch.zeros_like(pos)).amax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class Mlp(nn.Module):
@@ -113,7 +127,9 @@ def rope_angles_2d(
     return torch.cat([pos_h.float()[..., None] * f, pos_w.float()[..., None] * f], dim=-1)
 
 
-def grid_positions(h: int, w: int, base: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_positions(
+    h: int, w: int, base: tuple[int, int], device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major (h*w,) row and column positions with interpolation against `base`."""
     ph = interpolated_positions(h, base[0], device)
     pw = interpolated_positions(w, base[1], device)
@@ -186,8 +202,7 @@ class Attention(nn.Module):
         mask = None
         if context_mask is not None:
             # A row with no real token would give NaNs: let it attend to position 0 instead.
-            first = torch.zeros_like(context_mask)
-            first[:, 0] = True
+            first = torch.arange(context_mask.shape[1], device=context_mask.device) == 0
             cm = context_mask | (first & ~context_mask.any(dim=1, keepdim=True))
             mask = cm[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

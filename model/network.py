@@ -33,7 +33,11 @@ from functools import partial
 import torch
 from einops import rearrange
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from .config import NUM_MICRO_CONDS, STIVConfig
 from .layers import (
@@ -183,7 +187,9 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + c[:, None]).to(x.dtype)[:, :, None, None].unbind(1)
+        shift, scale = (
+            (self.scale_shift_table[None] + c[:, None]).to(x.dtype)[:, :, None, None].unbind(1)
+        )
         return self.linear(modulate(stateless_layer_norm(x, self.eps), shift, scale))
 
 
@@ -329,9 +335,13 @@ class STIV(nn.Module):
         """Raw network output (velocity, or the clean sample under `predict_clean`)."""
         b, _, t_frames, _, _ = x.shape
         if micro_cond.shape != (b, NUM_MICRO_CONDS):
-            raise ValueError(f"micro_cond must be (B, {NUM_MICRO_CONDS}), got {tuple(micro_cond.shape)}")
+            raise ValueError(
+                f"micro_cond must be (B, {NUM_MICRO_CONDS}), got {tuple(micro_cond.shape)}"
+            )
         if text_tokens.shape[1] > self.cfg.max_text_tokens:
-            raise ValueError(f"{text_tokens.shape[1]} text tokens > max_text_tokens {self.cfg.max_text_tokens}")
+            raise ValueError(
+                f"{text_tokens.shape[1]} text tokens > max_text_tokens {self.cfg.max_text_tokens}"
+            )
         dtype = self.patch_embed.proj.weight.dtype
         tok = self.patch_embed(x.to(dtype))  # (B, Tt, Ht, Wt, D)
         _, tt, ht, wt, d = tok.shape

@@ -23,6 +23,8 @@ same seed gives the same noise on any device.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .flow import expand_null_condition, interpolate, replace_frames
@@ -127,7 +129,7 @@ def sample(
     try:
         ts = torch.linspace(0.0, 1.0, steps + 1).tolist()
         x = replace_frames(eps0, given_latents, given)
-        for t0, t1 in zip(ts[:-1], ts[1:]):
+        for t0, t1 in itertools.pairwise(ts):
             dt = t1 - t0
             v0 = velocity(x, t0)
             if solver == "euler":

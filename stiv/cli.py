@@ -53,10 +53,12 @@ def cmd_query(args: argparse.Namespace) -> int:
         )
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
     if args.text:
-        from data_engine.stages.search import text_search_db
+        from data_engine.stages.search import text_search
 
-        rows = text_search_db(
-            db, args.text, where=args.where, limit=args.limit or 10, columns=columns
+        if args.table != "clips":
+            raise CliError("--text searches the clips table only")
+        rows = text_search(
+            db.table("clips"), args.text, where=args.where, limit=args.limit or 10, columns=columns
         )
     elif args.count:
         print(db.count(args.table, args.where))

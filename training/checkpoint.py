@@ -7,6 +7,9 @@ A checkpoint is one directory that every Ray Train worker reports (LESSONS.md, R
                                every rank, so rank 0's EMA is already consolidated)
     model_config.json          STIVConfig.to_dict()
     train_state.json           step, table version, seed, world size (the data position)
+    encoders.json              the latent/text encoders the latents were made with (generation
+                               must decode with the same ones) and the latents table's fields
+    null_text.safetensors      the encoded empty prompt (unconditional pass of JIT-CFG)
     rng_rank{r}.pt             each rank's torch / numpy / python RNG state
 Ray Train stores them under the run directory as `checkpoint_*`; the latest is the one with the
 highest step.
@@ -23,6 +26,8 @@ import torch
 EMA_FILE = "ema.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_STATE_FILE = "train_state.json"
+ENCODERS_FILE = "encoders.json"
+NULL_TEXT_FILE = "null_text.safetensors"
 
 
 class CheckpointError(FileNotFoundError):
@@ -59,6 +64,51 @@ def load_ema_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
     return load_file(str(ckpt / EMA_FILE)), config
 
 
+def write_encoders(directory: str | Path, meta: dict[str, Any]) -> None:
+    """Store the latents table's meta row: encoder provenance as JSON, empty prompt as tensors."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    info = {k: v for k, v in meta.items() if not isinstance(v, bytes)}
+    (directory / ENCODERS_FILE).write_text(json.dumps(info, indent=1))
+    dim = int(meta["text_dim"])
+    tensors = {
+        "tokens": torch.from_numpy(
+            np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, dim).copy()
+        ),
+        "mask": torch.from_numpy(np.frombuffer(meta["empty_mask"], np.uint8).copy()).bool(),
+        "pooled": torch.from_numpy(np.frombuffer(meta["empty_pooled"], np.float32).copy()),
+    }
+    save_file(tensors, str(directory / NULL_TEXT_FILE))
+
+
+def load_encoders(
+    path: str | Path,
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(encoder info, (empty-prompt tokens (L, D), mask (L,), pooled (D,))) of a run's latest
+    checkpoint or of an exported weights file. The info names the latent encoder (`encoder_kind`,
+    `pixel_patch`, `vae_path`) and text encoder (`text_path`, `text_len`) to generate with."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            if "encoders" not in metadata:
+                raise CheckpointError(f"{path}: exported without encoder information")
+            names = [k for k in handle.keys() if k.startswith("null_text.")]  # noqa: SIM118
+            tensors = {k: handle.get_tensor(k) for k in names}
+        info = json.loads(metadata["encoders"])
+        null = (tensors["null_text.tokens"], tensors["null_text.mask"], tensors["null_text.pooled"])
+        return info, null
+    ckpt = latest_checkpoint(path)
+    info = json.loads((ckpt / ENCODERS_FILE).read_text())
+    tensors = load_file(str(ckpt / NULL_TEXT_FILE))
+    return info, (tensors["tokens"], tensors["mask"], tensors["pooled"])
+
+
 def load_ema_model(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """The latest checkpoint's EMA weights in a ready `STIV` (eval mode) and its config.
 
@@ -76,15 +126,25 @@ def load_ema_model(run_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
 
 
 def export_ema(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the consolidated EMA weights + model config to one safetensors file."""
+    """Write the consolidated EMA weights, model config (metadata), encoder info (metadata) and
+    the encoded empty prompt (`null_text.*` tensors) to one safetensors file."""
     from safetensors.torch import save_file
 
     state, config = load_ema_state(run_dir)
     ckpt = latest_checkpoint(run_dir)
+    info, null = load_encoders(run_dir)
     step = json.loads((ckpt / TRAIN_STATE_FILE).read_text())["step"]
-    metadata = {"stiv_config": json.dumps(config.to_dict()), "step": str(step), "source": str(ckpt)}
+    metadata = {
+        "stiv_config": json.dumps(config.to_dict()),
+        "encoders": json.dumps(info),
+        "step": str(step),
+        "source": str(ckpt),
+    }
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    # The empty prompt travels with the weights (JIT-CFG's unconditional pass needs it).
+    tensors.update({f"null_text.{k}": v for k, v in zip(("tokens", "mask", "pooled"), null)})
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata=metadata)
+    save_file(tensors, str(out), metadata=metadata)
     return {"out": str(out), "step": step, "parameters": sum(v.numel() for v in state.values())}
 
 
@@ -98,5 +158,8 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
     if "stiv_config" not in metadata:
-        raise CheckpointError(f"{path}: not an exported STIV weights file (no stiv_config metadata)")
-    return load_file(str(path)), STIVConfig.from_dict(json.loads(metadata["stiv_config"]))
+        raise CheckpointError(
+            f"{path}: not an exported STIV weights file (no stiv_config metadata)"
+        )
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("null_text.")}
+    return state, STIVConfig.from_dict(json.loads(metadata["stiv_config"]))

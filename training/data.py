@@ -43,7 +43,9 @@ class TableIndex:
     storage_dtype: str
 
 
-def index_table(uri: str, version: int | None, storage_dtype: str, storage_options=None) -> TableIndex:
+def index_table(
+    uri: str, version: int | None, storage_dtype: str, storage_options=None
+) -> TableIndex:
     """Read only the `bucket` column to learn which rows belong to which bucket."""
     import lance
 
@@ -72,7 +74,9 @@ def plan_epoch(
     return [batches[i] for i in order]
 
 
-def steps_per_epoch(buckets: dict[str, np.ndarray], batch_sizes: dict[str, int], world_size: int) -> int:
+def steps_per_epoch(
+    buckets: dict[str, np.ndarray], batch_sizes: dict[str, int], world_size: int
+) -> int:
     return sum(len(rows) // (batch_sizes[k] * world_size) for k, rows in buckets.items())
 
 
@@ -84,7 +88,9 @@ def _decode_rows(table, storage_dtype: str) -> dict[str, np.ndarray]:
     tshape = [int(s) for s in cols["text_shape"][0]]
 
     def stack(name: str, shape: list[int], dtype: str) -> np.ndarray:
-        return np.stack([np.frombuffer(b, dtype).reshape(shape) for b in cols[name]]).astype(np.float32)
+        return np.stack([np.frombuffer(b, dtype).reshape(shape) for b in cols[name]]).astype(
+            np.float32
+        )
 
     return {
         "latents": stack("latents", lshape, storage_dtype),
@@ -108,10 +114,15 @@ class FetchStep:
         import lance
 
         if self._ds is None:
-            self._ds = lance.dataset(self.uri, version=self.version, storage_options=self.storage_options)
+            self._ds = lance.dataset(
+                self.uri, version=self.version, storage_options=self.storage_options
+            )
         rows = self._ds.take(np.asarray(item["rows"], dtype=np.int64), columns=BATCH_COLUMNS)
         # One element per step: the whole batch, already stacked.
-        return {"step": item["step"], **{k: v for k, v in _decode_rows(rows, self.storage_dtype).items()}}
+        return {
+            "step": item["step"],
+            **{k: v for k, v in _decode_rows(rows, self.storage_dtype).items()},
+        }
 
 
 def rank_feed(
@@ -167,4 +178,7 @@ def rank_feed(
     )
     # One Ray Data "batch" = one training step (the rows were pre-batched above).
     for item in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch):
-        yield int(item["step"][0]), {k: torch.from_numpy(np.array(v[0])) for k, v in item.items() if k != "step"}
+        yield (
+            int(item["step"][0]),
+            {k: torch.from_numpy(np.array(v[0])) for k, v in item.items() if k != "step"},
+        )

@@ -87,7 +87,9 @@ class PixelEncoder:
 
 def _require_dir(path: str | Path | None, config_key: str) -> Path:
     if not path:
-        raise FileNotFoundError(f"{config_key}: no local weight directory given (no model hub here)")
+        raise FileNotFoundError(
+            f"{config_key}: no local weight directory given (no model hub here)"
+        )
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

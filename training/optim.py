@@ -52,7 +52,7 @@ class AdaFactor(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+    def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
@@ -110,13 +110,15 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """`adafactor` (ours, above) or `adamw` (torch, for comparison)."""
     if name == "adafactor":
-        return AdaFactor(params, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, factored=factored)
+        return AdaFactor(
+            params, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, factored=factored
+        )
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     raise ValueError(f"optimizer.name: unknown optimizer {name!r} (adafactor | adamw)")
 
 
-def warmup_constant(warmup_steps: int):  # noqa: ANN201 - a LambdaLR multiplier
+def warmup_constant(warmup_steps: int):
     """Linear warm-up to the base LR over `warmup_steps`, then constant (STIV: 1k steps)."""
 
     def factor(step: int) -> float:

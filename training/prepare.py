@@ -119,7 +119,9 @@ class PrepareConfig:
     snapshot: str = ""  # snapshot of the clips table to prepare (--snapshot overrides)
     latents_table: str = "latents"  # output table in the same database
     mode: Literal["video", "image"] = "video"  # video samples, or single frames for T2I
-    image_source: Literal["clips", "dir"] = "clips"  # image mode: middle frame of each clip, or a directory
+    image_source: Literal["clips", "dir"] = (
+        "clips"  # image mode: middle frame of each clip, or a directory
+    )
     image_dir: str = ""  # image mode with image_source=dir: images + same-stem .txt captions
     frame_stride: int = 3  # keep one source frame of every `frame_stride` (paper: 3)
     buckets: list[BucketConfig] = field(default_factory=lambda: [BucketConfig()])
@@ -285,7 +287,11 @@ class DecodeCrop:
                 )
                 frames = decode_frames(row["uri"], indices)
             cropped, micro = crop_and_resize(frames, bucket)
-        except (ValueError, OSError, RuntimeError) as err:  # av.error.* derive from OSError/ValueError
+        except (
+            ValueError,
+            OSError,
+            RuntimeError,
+        ) as err:  # av.error.* derive from OSError/ValueError
             Database(self.db_uri, self.storage_options).write(
                 QUARANTINE,
                 pa.Table.from_pylist(
@@ -338,7 +344,9 @@ class LatentEncodeActor:
         for indices in by_bucket.values():
             first = rows[indices[0]]
             shape = (first["num_frames"], first["height"], first["width"], 3)
-            frames = np.stack([np.frombuffer(rows[i]["frames"], np.uint8).reshape(shape) for i in indices])
+            frames = np.stack(
+                [np.frombuffer(rows[i]["frames"], np.uint8).reshape(shape) for i in indices]
+            )
             z = self.encoder.encode(frames).numpy()  # (n, C, T, h, w)
             for j, i in enumerate(indices):
                 latents[i] = _to_storage(z[j], self.storage_dtype)
@@ -415,7 +423,9 @@ def _source_rows(db: Database, cfg: PrepareConfig) -> pa.Table:
     return table.select([*columns, cfg.caption_column]).rename_columns([*columns, "caption"])
 
 
-def _plan(source: pa.Table, cfg: PrepareConfig, done: set[str]) -> tuple[list[dict], dict[str, int]]:
+def _plan(
+    source: pa.Table, cfg: PrepareConfig, done: set[str]
+) -> tuple[list[dict], dict[str, int]]:
     """Assign a bucket to each row still to do; count what is skipped and why."""
     counts = {"already_done": 0, "skipped_no_caption": 0, "skipped_too_short": 0}
     todo = []
@@ -548,7 +558,9 @@ def run_prepare(
                 fn_constructor_kwargs={"encoder": encoder, "storage_dtype": cfg.storage_dtype},
                 batch_size=cfg.encode_batch_size,
                 batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=cfg.num_encoder_actors),  # pre-sized (LESSONS.md)
+                compute=ray.data.ActorPoolStrategy(
+                    size=cfg.num_encoder_actors
+                ),  # pre-sized (LESSONS.md)
                 num_cpus=cfg.encoder_num_cpus,
                 num_gpus=1 if cfg.encoder.device == "cuda" else 0,
             )
@@ -561,7 +573,9 @@ def run_prepare(
                 num_cpus=cfg.encoder_num_cpus,
                 num_gpus=1 if cfg.encoder.device == "cuda" else 0,
             )
-            before = db.table(cfg.latents_table).count_rows() if db.has_table(cfg.latents_table) else 0
+            before = (
+                db.table(cfg.latents_table).count_rows() if db.has_table(cfg.latents_table) else 0
+            )
             mode = "append" if db.has_table(cfg.latents_table) else "create"
             lance_ray.write_lance(
                 ds,

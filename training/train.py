@@ -62,7 +62,9 @@ class InitFromSection:
 
     def __post_init__(self) -> None:
         if self.mode == "none" and self.run_dir:
-            raise ValueError("init_from.mode: give a mode (plain | t2v_from_t2i | both) with run_dir")
+            raise ValueError(
+                "init_from.mode: give a mode (plain | t2v_from_t2i | both) with run_dir"
+            )
         if self.mode != "none" and not self.run_dir:
             raise ValueError(f"init_from.run_dir: required for mode {self.mode!r}")
         if self.mode == "both" and not self.temporal_run_dir:
@@ -195,11 +197,13 @@ def read_latents_meta(db_uri: str, latents_table: str) -> dict[str, Any]:
 
     db = Database(db_uri)
     if not db.has_table(latents_table):
-        raise FileNotFoundError(f"latents_table: {latents_table!r} not found in {db.uri} (run stiv prepare)")
+        raise FileNotFoundError(
+            f"latents_table: {latents_table!r} not found in {db.uri} (run stiv prepare)"
+        )
     return db.table(meta_table_name(latents_table)).to_table().to_pylist()[0]
 
 
-def resolve_model_config(cfg: TrainConfig, meta: dict[str, Any]):  # noqa: ANN201 - STIVConfig
+def resolve_model_config(cfg: TrainConfig, meta: dict[str, Any]):
     """Preset + overrides, with the encoder dims from the latents table and, when growing from
     a parent run, the parent's RoPE base sizes (positions interpolate: STIV-RECIPE.md)."""
     from model.config import get_preset
@@ -244,7 +248,7 @@ def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dic
     return {"num_workers": workers, "cpus_per_worker": per_worker, "use_gpu": use_gpu}
 
 
-def initial_state(cfg: TrainConfig, model_cfg) -> dict:  # noqa: ANN001
+def initial_state(cfg: TrainConfig, model_cfg) -> dict:
     """State dict a stage starts from (STIV-RECIPE.md, progressive recipe): the parent's EMA
     weights as they are (plain), inflated T2I -> T2V, or the "both" merge; None from scratch."""
     from model.init import init_both, init_video_from_image
@@ -266,7 +270,7 @@ def initial_state(cfg: TrainConfig, model_cfg) -> dict:  # noqa: ANN001
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float:  # noqa: ANN001
+def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float:
     """Training FLOPs for one sample (forward + backward = 3x forward), counted as 2 x MACs of
     every matmul: linear layers (2 x block weights x tokens) plus attention scores and weighted
     sums (spatial 4 N^2 d per frame, temporal 4 T^2 d per position, cross 4 N L d per frame)."""
@@ -277,7 +281,9 @@ def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float
     temporal = 4 * d * d if model_cfg.temporal_attention and tt > 1 else 0
     per_token_block = 2 * (4 * d * d + temporal + 2 * d * d + 2 * d * model_cfg.mlp_hidden)
     per_sample_block = per_token_block * tokens + 2 * 2 * d * d * text_len
-    attention = 4 * n * n * d * tt + (4 * tt * tt * d * n if temporal else 0) + 4 * n * text_len * d * tt
+    attention = (
+        4 * n * n * d * tt + (4 * tt * tt * d * n if temporal else 0) + 4 * n * text_len * d * tt
+    )
     forward = model_cfg.total_blocks * (per_sample_block + attention)
     forward += 2 * tokens * d * (c * p * p * pt) * 2  # patch embedding + final projection
     return 3.0 * forward
@@ -289,7 +295,11 @@ def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float
 def _rng_state() -> dict[str, Any]:
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -300,7 +310,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _given_frames(objective: ObjectiveSection, batch: int, frames: int):  # noqa: ANN202
+def _given_frames(objective: ObjectiveSection, batch: int, frames: int):
     from model.flow import endpoints_mask, first_frames_mask
 
     if objective.given_frames == "none" or frames < 2:
@@ -334,7 +344,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from model.config import STIVConfig
     from model.flow import training_loss
     from model.network import STIV
-    from training.checkpoint import EMA_FILE, MODEL_CONFIG_FILE, TRAIN_STATE_FILE
+    from training.checkpoint import (
+        EMA_FILE,
+        MODEL_CONFIG_FILE,
+        TRAIN_STATE_FILE,
+        write_encoders,
+    )
     from training.data import index_table, rank_feed
     from training.optim import EMA, build_optimizer, optimizer_state_bytes, warmup_constant
 
@@ -369,7 +384,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         cfg.optimizer.weight_decay,
         cfg.optimizer.factored,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.optimizer.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_constant(cfg.optimizer.warmup_steps)
+    )
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": 1,
@@ -407,11 +424,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step)
 
     index = index_table(
-        loop_config["latents_uri"], table_version, meta["storage_dtype"], loop_config["storage_options"]
+        loop_config["latents_uri"],
+        table_version,
+        meta["storage_dtype"],
+        loop_config["storage_options"],
     )
     batch_sizes = {k: cfg.data.bucket_batch_size.get(k, cfg.data.batch_size) for k in index.buckets}
     null_text = (
-        torch.from_numpy(np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, model_cfg.text_dim).copy()),
+        torch.from_numpy(
+            np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, model_cfg.text_dim).copy()
+        ),
         torch.from_numpy(np.frombuffer(meta["empty_mask"], np.uint8).astype(bool)),
         torch.from_numpy(np.frombuffer(meta["empty_pooled"], np.float32).copy()),
     )
@@ -423,10 +445,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             engine.save_checkpoint(str(tmp_dir / "ds"), tag="state")
             torch.save(_rng_state(), tmp_dir / f"rng_rank{rank}.pt")
             if rank == 0:
-                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp_dir / EMA_FILE))
+                save_file(
+                    {k: v.contiguous() for k, v in ema.state_dict().items()},
+                    str(tmp_dir / EMA_FILE),
+                )
                 (tmp_dir / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict()))
+                write_encoders(tmp_dir, meta)
                 (tmp_dir / TRAIN_STATE_FILE).write_text(
-                    json.dumps({"step": at_step, "table_version": index.version, "seed": cfg.seed, "world_size": world})
+                    json.dumps(
+                        {
+                            "step": at_step,
+                            "table_version": index.version,
+                            "seed": cfg.seed,
+                            "world_size": world,
+                        }
+                    )
                 )
             ray.train.report(
                 metrics,
@@ -500,8 +533,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 "optimizer_state_bytes_rank0": optim_bytes,
             }
             if use_gpu:
-                flops = flops_per_sample(model_cfg, list(x1.shape[1:]), batch["text_tokens"].shape[1])
-                logged["mfu"] = logged["samples_per_s"] * flops / (world * cfg.gpu_peak_tflops * 1e12)
+                flops = flops_per_sample(
+                    model_cfg, list(x1.shape[1:]), batch["text_tokens"].shape[1]
+                )
+                logged["mfu"] = (
+                    logged["samples_per_s"] * flops / (world * cfg.gpu_peak_tflops * 1e12)
+                )
             if rank == 0:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(logged) + "\n")
@@ -514,9 +551,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         writer.close()
 
 
-def _tokens_per_sample(model_cfg, latent_shape: list[int]) -> int:  # noqa: ANN001
+def _tokens_per_sample(model_cfg, latent_shape: list[int]) -> int:
     _, t, h, w = latent_shape
-    return max(1, t // model_cfg.temporal_patch_size) * (h // model_cfg.patch_size) * (w // model_cfg.patch_size)
+    return (
+        max(1, t // model_cfg.temporal_patch_size)
+        * (h // model_cfg.patch_size)
+        * (w // model_cfg.patch_size)
+    )
 
 
 # --------------------------------------------------------------------------- driver
@@ -593,7 +634,9 @@ def run_train(
     finally:
         if started:
             ray.shutdown()
-    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    metrics = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
     final = list_checkpoints(run_dir)
     return {
         "run_dir": str(run_dir),
@@ -609,7 +652,7 @@ def run_train(
     }
 
 
-def param_shapes(model_cfg) -> list[tuple[int, ...]]:  # noqa: ANN001
+def param_shapes(model_cfg) -> list[tuple[int, ...]]:
     """Parameter shapes counted on the meta device (no memory)."""
     import torch
 

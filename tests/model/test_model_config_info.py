@@ -12,7 +12,12 @@ def test_paper_presets_use_table1_dimensions():
     table1 = {"stiv-xl": (28, 1152, 18), "stiv-xxl": (38, 1536, 24), "stiv-m": (46, 3072, 48)}
     for name, (blocks, hidden, heads) in table1.items():
         cfg = get_preset(name)
-        assert (cfg.num_blocks, cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) == (blocks, hidden, heads, 4.0)
+        assert (cfg.num_blocks, cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) == (
+            blocks,
+            hidden,
+            heads,
+            4.0,
+        )
         assert cfg.patch_size == 2 and cfg.temporal_patch_size == 2
     assert {"stiv-tiny", "stiv-tiny-cpu"} <= set(PRESETS)
     cpu = get_preset("stiv-tiny-cpu")
@@ -71,7 +76,10 @@ def test_paper_parameter_counts(name):
     expected = "parameters" if name == "stiv-m" else "parameters_without_temporal"
     assert info["paper_matches"] == expected
     assert sum(info["components"].values()) == info["parameters"]
-    assert info["parameters"] - info["parameters_without_temporal"] == info["components"]["blocks.temporal_attention"]
+    assert (
+        info["parameters"] - info["parameters_without_temporal"]
+        == info["components"]["blocks.temporal_attention"]
+    )
 
 
 def test_model_info_tiny_and_no_temporal():

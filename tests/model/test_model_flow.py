@@ -20,6 +20,15 @@ from model.flow import (
 from model.network import STIV
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_conventions_t0_noise_t1_data_target_is_derivative():
     x1, eps = torch.randn(3, 4, 2, 4, 4), torch.randn(3, 4, 2, 4, 4)
     torch.testing.assert_close(interpolate(x1, eps, torch.zeros(3)), eps)
@@ -70,7 +79,9 @@ def test_replace_frames_is_bit_exact_and_masks():
     assert m.tolist() == [[True, False, False, False, True]] * 2
     assert first_frames_mask(2, 5, k=2).tolist() == [[True, True, False, False, False]] * 2
     y = replace_frames(x, clean, m)
-    assert torch.equal(y[:, :, [0, 4]], clean[:, :, [0, 4]]) and torch.equal(y[:, :, 1:4], x[:, :, 1:4])
+    assert torch.equal(y[:, :, [0, 4]], clean[:, :, [0, 4]]) and torch.equal(
+        y[:, :, 1:4], x[:, :, 1:4]
+    )
 
 
 def test_timestep_samplers():
@@ -79,7 +90,9 @@ def test_timestep_samplers():
     assert u.min() >= 0 and u.max() <= 1 and abs(u.mean() - 0.5) < 0.01
     ln = sample_timesteps(20000, kind="logit_normal", generator=g)
     assert ln.min() > 0 and ln.max() < 1 and abs(ln.median() - 0.5) < 0.02
-    assert ((ln > 0.25) & (ln < 0.75)).float().mean() > ((u > 0.25) & (u < 0.75)).float().mean() + 0.1
+    assert ((ln > 0.25) & (ln < 0.75)).float().mean() > (
+        (u > 0.25) & (u < 0.75)
+    ).float().mean() + 0.1
     shifted = sample_timesteps(20000, kind="logit_normal", mean=1.0, generator=g)
     assert shifted.median() > 0.7  # positive mean: more samples near the data end
     a = sample_timesteps(8, generator=torch.Generator().manual_seed(3))
@@ -105,7 +118,11 @@ def _cond(b, seq=6, dim=8):
     tokens = torch.randn(b, seq, dim, generator=g)
     mask = torch.ones(b, seq, dtype=torch.bool)
     pooled = torch.randn(b, dim, generator=g)
-    null = (torch.randn(3, dim, generator=g), torch.tensor([True, True, False]), torch.randn(dim, generator=g))
+    null = (
+        torch.randn(3, dim, generator=g),
+        torch.tensor([True, True, False]),
+        torch.randn(dim, generator=g),
+    )
     return tokens, mask, pooled, null
 
 
@@ -127,7 +144,9 @@ def test_condition_dropout_rates_independence_and_null_prompt():
     assert (d.text_tokens[td][:, 3:] == 0).all()
     assert d.text_mask[td].tolist()[0] == [True, True, False, False, False, False]
     assert torch.equal(d.text_pooled[td], npool.expand(int(td.sum()), 8))
-    assert torch.equal(d.text_tokens[kept], tokens[kept]) and torch.equal(d.text_pooled[kept], pooled[kept])
+    assert torch.equal(d.text_tokens[kept], tokens[kept]) and torch.equal(
+        d.text_pooled[kept], pooled[kept]
+    )
     # image dropout leaves frame 0 noised: no given frame in those samples
     assert not d.given_frames[d.image_dropped].any()
     assert torch.equal(d.given_frames[~d.image_dropped], given[~d.image_dropped])

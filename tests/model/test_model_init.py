@@ -1,10 +1,20 @@
 """Progressive initialisation: T2I -> T2V inflation and the "both" initialisation."""
 
+import pytest
 import torch
 
 from model.config import get_preset
 from model.init import inherit_rope_base, init_both, init_video_from_image, is_temporal_key
 from model.network import STIV
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def randomised(cfg, seed):
@@ -28,7 +38,9 @@ def inputs(b=2, seq=5, dim=16, seed=3):
 
 
 def t2i_and_t2v(t2i_temporal=False):
-    image_model = randomised(get_preset("stiv-tiny", temporal_patch_size=1, temporal_attention=t2i_temporal), 0)
+    image_model = randomised(
+        get_preset("stiv-tiny", temporal_patch_size=1, temporal_attention=t2i_temporal), 0
+    )
     video_model = randomised(get_preset("stiv-tiny"), 1)  # temporal gates non-zero before init
     return image_model, video_model
 
@@ -43,7 +55,11 @@ def test_t2v_init_reproduces_t2i_on_every_frame_of_a_repeated_image():
         torch.testing.assert_close(out[:, :, f : f + 1], ref, atol=1e-5, rtol=1e-5)
     # the image path of the video model also reproduces the T2I model
     torch.testing.assert_close(video_model(img, t, *c), ref, atol=1e-5, rtol=1e-5)
-    assert sorted(report["inflated"]) == ["final_layer.linear.bias", "final_layer.linear.weight", "patch_embed.proj.weight"]
+    assert sorted(report["inflated"]) == [
+        "final_layer.linear.bias",
+        "final_layer.linear.weight",
+        "patch_embed.proj.weight",
+    ]
     assert report["new"] and all(is_temporal_key(k) for k in report["new"])
     assert not any(is_temporal_key(k) for k in report["copied"])
     for blk in video_model.blocks:
@@ -53,7 +69,7 @@ def test_t2v_init_reproduces_t2i_on_every_frame_of_a_repeated_image():
 def test_temporal_branch_starts_at_zero_but_learns():
     image_model, video_model = t2i_and_t2v()
     init_video_from_image(video_model, image_model)
-    img, t, c = inputs()
+    _, t, c = inputs()
     video = torch.randn(2, 4, 4, 8, 8)  # a real (non-repeated) video
     video_model.train()(video, t, *c).square().mean().backward()
     gate_grads = [blk.temporal.gate.grad.abs().sum() for blk in video_model.blocks]
@@ -67,7 +83,9 @@ def test_t2i_with_temporal_keys_and_state_dict_targets_and_compiled_prefixes():
     src = {"_orig_mod." + k: v for k, v in image_model.state_dict().items()}  # torch.compile keys
     report = init_video_from_image(video_model.state_dict(), src)
     sd = report["state_dict"]
-    assert any(is_temporal_key(k) for k in report["ignored"])  # the T2I temporal weights are not used
+    assert any(
+        is_temporal_key(k) for k in report["ignored"]
+    )  # the T2I temporal weights are not used
     video_model.load_state_dict(sd)
     img, t, c = inputs()
     torch.testing.assert_close(video_model(img.repeat(1, 1, 4, 1, 1), t, *c)[:, :, :1], image_model(img, t, *c),
@@ -75,7 +93,9 @@ def test_t2i_with_temporal_keys_and_state_dict_targets_and_compiled_prefixes():
 
 
 def test_init_both():
-    spatial_src = randomised(get_preset("stiv-tiny", temporal_patch_size=1, temporal_attention=False), 0)
+    spatial_src = randomised(
+        get_preset("stiv-tiny", temporal_patch_size=1, temporal_attention=False), 0
+    )
     temporal_src = randomised(get_preset("stiv-tiny"), 2)
     target = randomised(get_preset("stiv-tiny"), 3)
     report = init_both(target, spatial_src, temporal_src)
@@ -90,5 +110,10 @@ def test_init_both():
 
 def test_inherit_rope_base():
     parent = get_preset("stiv-tiny")
-    child = inherit_rope_base(get_preset("stiv-tiny", rope_base_grid=(8, 8), rope_base_frames=9), parent)
-    assert child.rope_base_grid == parent.rope_base_grid and child.rope_base_frames == parent.rope_base_frames
+    child = inherit_rope_base(
+        get_preset("stiv-tiny", rope_base_grid=(8, 8), rope_base_frames=9), parent
+    )
+    assert (
+        child.rope_base_grid == parent.rope_base_grid
+        and child.rope_base_frames == parent.rope_base_frames
+    )

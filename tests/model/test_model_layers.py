@@ -1,16 +1,27 @@
 """RoPE (shift invariance, interpolation), QK-norm attention, stateless norms."""
 
+import pytest
 import torch
 
 from model.layers import (
     Attention,
     grid_positions,
     interpolated_positions,
+    last_token,
     rope_angles_1d,
     rope_angles_2d,
     rope_cos_sin,
     stateless_layer_norm,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _attn(seed=0, dim=32, heads=2):
@@ -89,3 +100,10 @@ def test_cross_attention_ignores_padding_tokens():
     # a row with no real token stays finite (attends to position 0)
     empty = torch.zeros_like(mask)
     assert torch.isfinite(attn(x, context=ctx, context_mask=empty)).all()
+
+
+def test_last_token_pooling_skips_padding():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)  # right / left pad
+    pooled = last_token(hidden, mask)
+    assert torch.equal(pooled[0], hidden[0, 2]) and torch.equal(pooled[1], hidden[1, 4])

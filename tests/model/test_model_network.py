@@ -9,6 +9,15 @@ from model.flow import random_spatial_mask
 from model.network import STIV
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_model(seed=0, **overrides):
     """Tiny model with every parameter perturbed (the final layer and temporal gates start at
     zero, which would make most comparisons trivial)."""
@@ -62,7 +71,9 @@ def test_t2i_model_runs_frames_as_images():
     x, t, *cond = make_inputs(m.cfg, t=3)
     out = m(x, t, *cond)
     for f in range(3):
-        torch.testing.assert_close(out[:, :, f : f + 1], m(x[:, :, f : f + 1], t, *cond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out[:, :, f : f + 1], m(x[:, :, f : f + 1], t, *cond), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_temporal_attention_is_bidirectional():
@@ -90,7 +101,9 @@ def test_maskdit_ratio_zero_equals_unmasked():
     n = (x.shape[-2] // 2) * (x.shape[-1] // 2)
     keep = random_spatial_mask(x.shape[0], n, 0.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(keep, torch.arange(n).expand(x.shape[0], n))
-    torch.testing.assert_close(m(x, t, *cond, token_keep=keep), m(x, t, *cond), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        m(x, t, *cond, token_keep=keep), m(x, t, *cond), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_maskdit_drops_tokens_in_every_frame_and_restores_them():
@@ -100,6 +113,7 @@ def test_maskdit_drops_tokens_in_every_frame_and_restores_them():
     keep = random_spatial_mask(b, n, 0.5, generator=torch.Generator().manual_seed(0))
     assert keep.shape == (b, 8)
     seen = {}
+
     def record(name):
         def hook(mod, args):
             seen.setdefault(name, args[0].shape)
@@ -154,7 +168,9 @@ def test_grad_checkpointing_matches_and_keeps_only_self_attention(monkeypatch):
     sdpa_calls = [d for d in decisions if d[0]]
     nb = m.cfg.num_blocks
     assert len(sdpa_calls) == 3 * nb  # spatial, temporal, cross per block
-    assert len(saved) == 2 * nb and all(d[0] for d in saved)  # only spatial + temporal self-attention
+    assert len(saved) == 2 * nb and all(
+        d[0] for d in saved
+    )  # only spatial + temporal self-attention
 
 
 def test_predict_clean_converts_to_velocity():
@@ -193,4 +209,23 @@ def test_compiles_without_graph_breaks(masked):
     x, t, *cond = make_inputs(m.cfg)
     keep = random_spatial_mask(2, 16, 0.5) if masked else None
     compiled = torch.compile(m, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x, t, *cond, token_keep=keep), m(x, t, *cond, token_keep=keep))
+    torch.testing.assert_close(
+        compiled(x, t, *cond, token_keep=keep), m(x, t, *cond, token_keep=keep)
+    )
+
+
+def test_compiled_training_step_with_checkpointing_and_maskdit():
+    """AOTAutograd (what inductor builds on) traces forward + backward in one graph, with the
+    selective-checkpointing policy and MaskDiT gathers, and gives the eager gradients."""
+    torch._dynamo.reset()
+    m = make_model(grad_checkpointing=True).train()
+    x, t, *cond = make_inputs(m.cfg)
+    keep = random_spatial_mask(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    m(x, t, *cond, token_keep=keep).square().mean().backward()
+    ref = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    compiled(x, t, *cond, token_keep=keep).square().mean().backward()
+    for k, p in m.named_parameters():
+        if k in ref:
+            torch.testing.assert_close(p.grad, ref[k], atol=1e-6, rtol=1e-5)

@@ -2,11 +2,21 @@
 
 import time
 
+import pytest
 import torch
 
 from model.config import get_preset
 from model.flow import first_frames_mask, training_loss
 from model.network import STIV
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_tiny_model_overfits_one_batch():
@@ -24,7 +34,9 @@ def test_tiny_model_overfits_one_batch():
     start = time.perf_counter()
     losses = []
     for _ in range(300):
-        loss, _ = training_loss(model, x1, tokens, mask, pooled, micro, given_frames=given, t=t, noise=noise)
+        loss, _ = training_loss(
+            model, x1, tokens, mask, pooled, micro, given_frames=given, t=t, noise=noise
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

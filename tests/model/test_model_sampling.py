@@ -9,6 +9,16 @@ from model.flow import endpoints_mask, first_frames_mask, interpolate
 from model.network import STIV
 from model.sampling import cfg_combine, sample
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SHAPE = (2, 4, 4, 8, 8)
 
 
@@ -40,7 +50,9 @@ class Spy(nn.Module):
         self.inner, self.calls = inner, []
 
     def forward(self, x, t, tokens, mask, pooled, micro, token_keep=None):
-        self.calls.append({"x": x.clone(), "t": t.clone(), "tokens": tokens.clone(), "mask": mask.clone()})
+        self.calls.append(
+            {"x": x.clone(), "t": t.clone(), "tokens": tokens.clone(), "mask": mask.clone()}
+        )
         return self.inner(x, t, tokens, mask, pooled, micro)
 
 
@@ -54,7 +66,9 @@ def test_given_frames_are_bit_exact(solver, which):
         "prediction": first_frames_mask(2, 4, k=2),
         "interpolation": endpoints_mask(2, 4),
     }[which]
-    out = sample(m, shape=SHAPE, **cond(), given_latents=given, given_mask=mask, steps=3, solver=solver)
+    out = sample(
+        m, shape=SHAPE, **cond(), given_latents=given, given_mask=mask, steps=3, solver=solver
+    )
     assert torch.equal(out.permute(0, 2, 1, 3, 4)[mask], given.permute(0, 2, 1, 3, 4)[mask])
     assert torch.isfinite(out).all()
     assert not torch.equal(out.permute(0, 2, 1, 3, 4)[~mask], given.permute(0, 2, 1, 3, 4)[~mask])
@@ -78,7 +92,9 @@ def test_cfg_scale_one_equals_conditional():
     kw = dict(shape=SHAPE, **cond(), steps=3, seed=3)
     ref = sample(m, cfg_scale=None, **kw)  # conditional model only
     for renorm in (False, True):
-        torch.testing.assert_close(sample(m, cfg_scale=1.0, renorm=renorm, **kw), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            sample(m, cfg_scale=1.0, renorm=renorm, **kw), ref, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_renorm_keeps_conditional_norm():
@@ -137,7 +153,9 @@ def test_solvers_integrate_from_noise_to_data():
     heun = sample(f, shape=SHAPE, **cond(), cfg_scale=None, steps=4, solver="heun", seed=0)
     torch.testing.assert_close(heun, exact, atol=1e-5, rtol=1e-5)  # trapezoid: exact for linear t
     euler = sample(f, shape=SHAPE, **cond(), cfg_scale=None, steps=4, solver="euler", seed=0)
-    torch.testing.assert_close(euler, eps0 + f.a + f.b * 3 / 8, atol=1e-5, rtol=1e-5)  # left Riemann sum
+    torch.testing.assert_close(
+        euler, eps0 + f.a + f.b * 3 / 8, atol=1e-5, rtol=1e-5
+    )  # left Riemann sum
     with pytest.raises(ValueError):
         sample(f, shape=SHAPE, **cond(), solver="rk4")
 

@@ -69,6 +69,9 @@ def clips_db(tmp_path_factory) -> str:
         )
     rows.append({**rows[0], "clip_id": "clip-short", "start_frame": 0, "end_frame": 5})
     rows.append({**rows[1], "clip_id": "clip-nocaption", "caption": None})
+    broken = videos / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    rows.append({**rows[1], "clip_id": "clip-broken", "uri": str(broken)})
     db = Database(root / "db")
     db.write(CLIPS, pa.Table.from_pylist(rows))
     db.create_snapshot("all", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from data_engine.store import Database
 from training.encoders import PixelEncoder
@@ -37,7 +38,9 @@ decode_num_cpus: 0.5
 """
 
 
-def test_prepare_pixel_video_buckets_micro_cond_and_resume(tmp_path, clips_db, tiny_encoders, ray_cluster):
+def test_prepare_pixel_video_buckets_micro_cond_and_resume(
+    tmp_path, clips_db, tiny_encoders, ray_cluster
+):
     """Guards the whole prepare contract: each clip lands in its aspect-closest bucket with one
     fixed latent shape, the crop box/original size/stride survive as micro-conditions, pixel
     latents decode back to the cropped frames, short/uncaptioned clips are skipped, and a rerun
@@ -46,6 +49,10 @@ def test_prepare_pixel_video_buckets_micro_cond_and_resume(tmp_path, clips_db, t
     summary = run_prepare(clips_db, "all", config)
     assert summary["written"] == 3, summary
     assert summary["skipped_too_short"] == 1 and summary["skipped_no_caption"] == 1
+    # An undecodable clip becomes a quarantine row (stage prepare), not a failed job.
+    assert summary["quarantined"] == 1
+    quarantine = Database(clips_db).query("quarantine", where="stage = 'prepare'").to_pylist()
+    assert [q["clip_id"] for q in quarantine] == ["clip-broken"]
     # 64x48 clips (aspect 1.33) go to the 48x32 bucket (1.5), not the square one.
     assert summary["buckets"] == {"f8x32x48": 3}
 
@@ -71,13 +78,14 @@ def test_prepare_pixel_video_buckets_micro_cond_and_resume(tmp_path, clips_db, t
         assert mask.shape == (length,) and 0 < mask.sum() < length
         assert np.frombuffer(row["text_pooled"], np.float32).shape == (dim,)
         # The square is in the decoded frames: pixel latents invert exactly.
-        frames = encoder.decode(__import__("torch").from_numpy(latents.copy())[None])
+        frames = encoder.decode(torch.from_numpy(latents.copy())[None])
         assert frames.shape == (1, 3, 8, 32, 48)
     meta = db.table("latents_video_meta").to_table().to_pylist()[0]
     assert meta["latent_channels"] == 48 and meta["micro_cond_names"] == ",".join(MICRO_COND_NAMES)
 
     again = run_prepare(clips_db, "all", config)
-    assert again["written"] == 0 and again["already_done"] == 3
+    # The broken clip is retried (and quarantined again); done clips are skipped.
+    assert again["written"] == 0 and again["already_done"] == 3 and again["quarantined"] == 1
     assert db.table("latents_video").count_rows() == 3
 
 
@@ -93,10 +101,48 @@ def test_prepare_tiny_vae_images(tmp_path, clips_db, tiny_encoders, ray_cluster)
     summary = run_prepare(clips_db, "all", _config(tmp_path, tiny_encoders["text"], body))
     # Image mode needs only one frame, so the short clip is usable too.
     assert summary["written"] == 4 and summary["buckets"] == {"f1x16x16": 4}
+    assert summary["quarantined"] == 1
     row = Database(clips_db).table("latents_image").to_table().to_pylist()[0]
     assert row["latent_shape"] == [4, 1, 8, 8]
     assert row["micro_cond"][-1] == 0.0
     assert np.isfinite(np.frombuffer(row["latents"], np.float32)).all()
+
+
+def test_prepare_image_directory(tmp_path, clips_db, tiny_encoders, ray_cluster):
+    """T2I rows from an image directory: captions from same-stem .txt files, images without a
+    caption skipped, crop/original size recorded from the image itself."""
+    import cv2
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate([(0, 0, 255), (0, 255, 0), (255, 0, 0)]):
+        image = np.zeros((40, 60, 3), np.uint8)
+        image[:] = colour
+        cv2.imwrite(str(images / f"img{i}.png"), image)
+        if i < 2:
+            (images / f"img{i}.txt").write_text(f"a plain image number {i}\n")
+    body = (
+        "latents_table: latents_dir\nmode: image\nimage_source: dir\n"
+        f"image_dir: {images}\n"
+        "buckets: [{{num_frames: 1, height: 16, width: 16}}]\n"
+        "encoder: {{kind: pixel, pixel_patch: 2, text_path: {text}}}\n"
+        "encoder_num_cpus: 0.5\ndecode_num_cpus: 0.5\n"
+    )
+    summary = run_prepare(clips_db, None, _config(tmp_path, tiny_encoders["text"], body))
+    assert summary["written"] == 2 and summary["skipped_no_caption"] == 1
+    rows = Database(clips_db).table("latents_dir").to_table().to_pylist()
+    assert sorted(r["caption"] for r in rows) == [
+        "a plain image number 0",
+        "a plain image number 1",
+    ]
+    assert rows[0]["micro_cond"] == [40.0, 60.0, 0.0, 10.0, 40.0, 40.0, 0.0]
+    # Pixel latents of a pure-red image (BGR (0, 0, 255) on disk) decode to red.
+    frames = PixelEncoder(2).decode(
+        torch.from_numpy(
+            np.frombuffer(rows[0]["latents"], np.float32).reshape(rows[0]["latent_shape"]).copy()
+        )[None]
+    )
+    assert frames.shape == (1, 3, 1, 16, 16)
 
 
 def test_bucket_choice_window_and_crop_boundaries():

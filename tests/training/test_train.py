@@ -15,7 +15,13 @@ from safetensors.torch import load_file, save_file
 from model.config import get_preset
 from model.network import STIV
 from stiv.config import ConfigError, load_config
-from training.checkpoint import export_ema, latest_checkpoint, list_checkpoints, load_ema_model
+from training.checkpoint import (
+    export_ema,
+    latest_checkpoint,
+    list_checkpoints,
+    load_ema_model,
+    load_encoders,
+)
 from training.data import plan_epoch, steps_per_epoch
 from training.optim import EMA, AdaFactor, optimizer_state_bytes, warmup_constant
 from training.prepare import PrepareConfig
@@ -79,7 +85,9 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db):
     finally:
         ray.shutdown()
 
-    assert summary["steps"] == 6 and summary["num_workers"] == 2 and summary["cpus_per_worker"] == 0.5
+    assert (
+        summary["steps"] == 6 and summary["num_workers"] == 2 and summary["cpus_per_worker"] == 0.5
+    )
     assert (reference / "resolved_config.yaml").is_file()
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     metrics = _metrics(reference)
@@ -87,7 +95,9 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db):
     for m in metrics:
         assert {"loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(m)
         assert math.isfinite(m["loss"]) and m["samples_per_s"] > 0
-    assert metrics[0]["lr"] == pytest.approx(1e-3)  # warm-up factor (0+1)/2 applied before step 1's update
+    assert metrics[0]["lr"] == pytest.approx(
+        1e-3
+    )  # warm-up factor (0+1)/2 applied before step 1's update
     ckpt = latest_checkpoint(reference)
     shards = sorted(p.name for p in (ckpt / "ds" / "state").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
@@ -106,14 +116,23 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db):
     exported = export_ema(reference, tmp_path / "model.safetensors")
     again, _ = load_ema_model(tmp_path / "model.safetensors")
     assert exported["step"] == 6 and model_cfg.in_channels == 12
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    info, null = load_encoders(reference)
+    info_file, null_file = load_encoders(tmp_path / "model.safetensors")
+    assert info == info_file and info["encoder_kind"] == "pixel" and info["pixel_patch"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(null, null_file))
+    assert null[0].shape == (48, 32) and int(null[1].sum()) == 2  # "" encodes as BOS + EOS
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
+    )
 
 
 def _fake_run(run_dir: Path, model: STIV, step: int = 10) -> None:
     """A checkpoint directory in the layout training writes (EMA + model config + state)."""
     ckpt = run_dir / f"checkpoint_{step:08d}"
     ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors")
+    )
     (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
     (ckpt / "train_state.json").write_text(json.dumps({"step": step, "table_version": 1}))
 
@@ -125,7 +144,9 @@ def test_stage_initialisation_modes(tmp_path):
     run; the child also inherits the parent's RoPE base so positions interpolate."""
     torch.manual_seed(0)
     meta = {"latent_channels": 4, "text_dim": 16, "text_len": 8}
-    image_cfg = get_preset("stiv-tiny", temporal_patch_size=1, temporal_attention=False, rope_base_grid=(2, 2))
+    image_cfg = get_preset(
+        "stiv-tiny", temporal_patch_size=1, temporal_attention=False, rope_base_grid=(2, 2)
+    )
     image = STIV(image_cfg)
     for p in image.parameters():  # non-trivial weights (the final layer starts at zero)
         p.data.normal_(std=0.05)
@@ -143,16 +164,34 @@ def test_stage_initialisation_modes(tmp_path):
     assert video_cfg.rope_base_grid == (2, 2)  # inherited from the parent
     video = STIV(video_cfg)
     video.load_state_dict(initial_state(cfg, video_cfg))
-    assert all(torch.count_nonzero(v) == 0 for k, v in video.state_dict().items() if k.endswith("temporal.gate"))
+    assert all(
+        torch.count_nonzero(v) == 0
+        for k, v in video.state_dict().items()
+        if k.endswith("temporal.gate")
+    )
     frame = torch.randn(1, 4, 1, 8, 8)
-    args = (torch.tensor([0.3]), torch.randn(1, 8, 16), torch.ones(1, 8, dtype=torch.bool), torch.randn(1, 16), torch.rand(1, 7))
+    args = (
+        torch.tensor([0.3]),
+        torch.randn(1, 8, 16),
+        torch.ones(1, 8, dtype=torch.bool),
+        torch.randn(1, 16),
+        torch.rand(1, 7),
+    )
     with torch.no_grad():
         out_image = image(frame, *args)
         out_video = video(frame.repeat(1, 1, 4, 1, 1), *args)
     torch.testing.assert_close(out_video, out_image.repeat(1, 1, 4, 1, 1), rtol=1e-4, atol=1e-5)
 
     _fake_run(tmp_path / "t2v", video)
-    plain = load_config(TrainConfig, base={**cfg.__dict__, "init_from": {"run_dir": str(tmp_path / "t2v"), "mode": "plain"}, "model": {"preset": "stiv-tiny"}, "optimizer": {}, "objective": {}, "data": {}, "scaling": {}})
+    plain = load_config(
+        TrainConfig,
+        base={
+            "db": "x",
+            "run_dir": str(tmp_path / "ti2v"),
+            "model": {"preset": "stiv-tiny"},
+            "init_from": {"run_dir": str(tmp_path / "t2v"), "mode": "plain"},
+        },
+    )
     state = initial_state(plain, resolve_model_config(plain, meta))
     assert all(torch.equal(state[k], v) for k, v in video.state_dict().items())
 
@@ -166,7 +205,11 @@ def test_stage_initialisation_modes(tmp_path):
             "db": "x",
             "run_dir": str(tmp_path / "both"),
             "model": {"preset": "stiv-tiny"},
-            "init_from": {"run_dir": str(tmp_path / "t2v"), "mode": "both", "temporal_run_dir": str(tmp_path / "t2v-other")},
+            "init_from": {
+                "run_dir": str(tmp_path / "t2v"),
+                "mode": "both",
+                "temporal_run_dir": str(tmp_path / "t2v-other"),
+            },
         },
     )
     state = initial_state(both, resolve_model_config(both, meta))
@@ -201,7 +244,11 @@ def test_resolve_scaling_leaves_cpus_for_data():
     }
     assert resolve_scaling(ScalingSection(), {"CPU": 2})["num_workers"] == 1
     gpu = resolve_scaling(ScalingSection(), {"CPU": 16, "GPU": 8})
-    assert gpu["use_gpu"] and gpu["num_workers"] == 8 and gpu["cpus_per_worker"] == pytest.approx(15 / 8)
+    assert (
+        gpu["use_gpu"]
+        and gpu["num_workers"] == 8
+        and gpu["cpus_per_worker"] == pytest.approx(15 / 8)
+    )
     with pytest.raises(ValueError, match="scaling"):
         resolve_scaling(ScalingSection(num_workers=4, cpus_per_worker=1.0), {"CPU": 2})
 
@@ -238,7 +285,9 @@ def test_warmup_then_constant_and_ema():
         model.weight.add_(1.0)
     before = ema.state_dict()["weight"].clone()
     ema.update(model, step=1)
-    torch.testing.assert_close(ema.state_dict()["weight"], 0.9 * before + 0.1 * model.weight.detach())
+    torch.testing.assert_close(
+        ema.state_dict()["weight"], 0.9 * before + 0.1 * model.weight.detach()
+    )
     assert EMA(model, 0.9999, warmup=True).decay_at(0) == pytest.approx(0.1)
 
 
@@ -266,7 +315,7 @@ def test_every_pipeline_yaml_loads_and_validates():
         cfg = load_config(TrainConfig, path)
         modes.add(cfg.init_from.mode)
     assert modes == {"none", "plain", "t2v_from_t2i", "both"}
-    with pytest.raises(ConfigError, match="scaling.zero_stage"):
+    with pytest.raises(ConfigError, match=r"scaling\.zero_stage"):
         load_config(TrainConfig, PIPELINES / "train-t2v-tiny-cpu.yaml", ["scaling.zero_stage=3"])
     with pytest.raises(ConfigError, match="init_from"):
         load_config(TrainConfig, PIPELINES / "train-t2v-tiny-cpu.yaml", ["init_from.run_dir="])
