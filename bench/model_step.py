@@ -2,17 +2,18 @@
 
 Usage:
     python bench/model_step.py [--preset stiv-bench-cpu] [--batch 2] [--frames 8] [--size 32]
-                               [--rounds 3] [--iters 2] [--threads 1] [--device cpu|cuda]
+                               [--rounds 2] [--iters 2] [--threads 1] [--device cpu|cuda]
                                [--json OUT.json]
 
 Each configuration runs in a fresh subprocess (so memory high-water marks do not leak between
 them), `rounds` times, the configurations interleaved round-robin (so a noisy neighbour on a
 shared machine hits all of them alike). Reported:
-- time: the minimum over all rounds and `iters` of the wall-clock seconds of one forward+backward
-  (flow-matching loss through `model.flow.training_loss`, TI2V frame replacement, after one
-  warm-up step). The minimum is the least contention-sensitive statistic; the median is in the
-  JSON. One torch thread by default: with OpenMP spinning, several threads on a loaded 2-core
-  machine give erratic times;
+- time: seconds of one forward+backward (flow-matching loss through `model.flow.training_loss`,
+  TI2V frame replacement, after one warm-up step), the minimum over all rounds and `iters`. On
+  CPU this is the process CPU time (`time.process_time()`, user + system) with one torch thread:
+  on a shared, loaded machine wall-clock times swing 2-3x from run to run while CPU time of a
+  single-threaded process does not (wall-clock minima are reported alongside). On CUDA it is
+  wall-clock time after `torch.cuda.synchronize()`;
 - peak memory, two ways:
   * tensor peak (the headline number; exact): on CPU, the torch profiler's memory timeline
     (`profile(profile_memory=True, record_shapes=True, with_stack=True)._memory_profile()`) of
@@ -124,17 +125,20 @@ def child(args: argparse.Namespace, overrides: dict) -> dict:
         rss_growth = _maxrss_bytes() - base
         peak = _profiled_peak(step) if args._memory else None
         mem_how = "torch profiler memory timeline: peak live CPU tensor bytes"
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.iters):
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     return {
-        "times_s": times,
+        "times_s": cpu_times if dev.type == "cpu" else times,
+        "wall_times_s": times,
+        "time_measure": "process CPU time" if dev.type == "cpu" else "wall clock",
         "peak_mem_bytes": peak,
         "rss_growth_bytes": rss_growth,
         "memory_measure": mem_how,
@@ -151,7 +155,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--frames", type=int, default=8, help="latent frames")
     ap.add_argument("--size", type=int, default=32, help="latent height = width")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
@@ -197,6 +201,8 @@ def main() -> None:
         peaks = [r["peak_mem_bytes"] for r in rs if r["peak_mem_bytes"] is not None]
         results[name] = {
             "time_s": min(all_t),
+            "time_measure": rs[0]["time_measure"],
+            "wall_time_s": min(t for r in rs for t in r["wall_times_s"]),
             "time_median_s": statistics.median(all_t),
             "times_s": all_t,
             "peak_mem_bytes": max(peaks),
@@ -214,12 +220,14 @@ def main() -> None:
         )
         print(
             f"  {name:<15} tokens/sample {r['tokens_per_sample']:>5}  fwd+bwd {r['time_s']:7.3f} s "
-            f"(median {r['time_median_s']:.3f})  peak tensor mem {r['peak_mem_bytes'] / 2**20:7.1f} MiB{rss}"
+            f"(median {r['time_median_s']:.3f}, wall min {r['wall_time_s']:.3f})  peak tensor mem {r['peak_mem_bytes'] / 2**20:7.1f} MiB{rss}"
         )
     base = results.get("baseline")
     ratios = {}
     if base:
-        print(f"ratios vs baseline (memory: {base['memory_measure']}):")
+        print(
+            f"ratios vs baseline (time: {base['time_measure']}; memory: {base['memory_measure']}):"
+        )
         for name, r in results.items():
             if name == "baseline":
                 continue

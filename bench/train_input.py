@@ -122,7 +122,7 @@ def main() -> None:
         memory_model, table_model = Trainer(cfg), Trainer(cfg)
         memory_iter = memory_batches()
         memory_times, table_times = [], []
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             feed = rank_feed(index, batch_sizes, 1, 0, 0, 0, total, prefetch=4, num_cpus=0.5)
             try:

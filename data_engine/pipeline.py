@@ -490,7 +490,9 @@ def _connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # "local": always an embedded Ray. A bare ray.init() would join whatever cluster was
+        # started last on this machine (/tmp/ray/ray_current_cluster), or hang on a dead one.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
 

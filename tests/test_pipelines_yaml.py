@@ -25,7 +25,7 @@ def test_overrides_are_validated_like_the_file() -> None:
         PIPELINES / "curate.yaml", ["split.max_clip_s=8", "resources.model_actors=2"]
     )
     assert cfg.split.max_clip_s == 8.0 and cfg.resources.model_actors == 2
-    with pytest.raises(ConfigError, match="split.max_clip_s"):
+    with pytest.raises(ConfigError, match=r"split\.max_clip_s"):
         load_curate_config(PIPELINES / "curate.yaml", ["split.max_clip_s=1"])
-    with pytest.raises(ConfigError, match="resources.model_actors"):
+    with pytest.raises(ConfigError, match=r"resources\.model_actors"):
         load_curate_config(None, ["resources.model_actors=many"])

@@ -15,6 +15,7 @@ here from *pre-batched rows*:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,7 @@ def rank_feed(
     prefetch: int = 4,
     num_cpus: float = 0.25,
     storage_options=None,
+    steps_per_dataset: int = 10_000,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield (global step, batch tensors) for this rank from `start_step` to `max_steps`.
 
@@ -149,36 +151,46 @@ def rank_feed(
             "data.batch_size: no bucket has enough rows for one global batch "
             f"(rows per bucket: { {k: len(v) for k, v in index.buckets.items()} }, world size {world_size})"
         )
-    items: list[dict[str, Any]] = []
-    if start_step >= max_steps:
-        return
-    epoch = start_step // per_epoch
-    while len(items) < max_steps - start_step:
-        plan = plan_epoch(index.buckets, batch_sizes, world_size, seed, epoch)
-        for i, (key, rows) in enumerate(plan):
-            step = epoch * per_epoch + i
-            if start_step <= step < max_steps:
-                b = batch_sizes[key]
-                items.append({"step": step, "rows": rows[rank * b : (rank + 1) * b].tolist()})
-        epoch += 1
+
+    def step_items() -> Iterator[dict[str, Any]]:
+        """This rank's rows for every step from start_step, epoch after epoch."""
+        epoch = start_step // per_epoch
+        while True:
+            plan = plan_epoch(index.buckets, batch_sizes, world_size, seed, epoch)
+            for i, (key, rows) in enumerate(plan):
+                step = epoch * per_epoch + i
+                if step >= max_steps:
+                    return
+                if step >= start_step:
+                    b = batch_sizes[key]
+                    yield {"step": step, "rows": rows[rank * b : (rank + 1) * b].tolist()}
+            epoch += 1
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # steps must arrive in plan order
-    ctx.enable_progress_bars = False  # one bar per rank per epoch only clutters the log
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-    ds = ds.map(
-        FetchStep,
-        fn_constructor_kwargs={
-            "uri": index.uri,
-            "version": index.version,
-            "storage_dtype": index.storage_dtype,
-            "storage_options": storage_options,
-        },
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=num_cpus,
-    )
-    # One Ray Data "batch" = one training step (the rows were pre-batched above).
-    for item in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch):
-        yield (
-            int(item["step"][0]),
-            {k: torch.from_numpy(np.array(v[0])) for k, v in item.items() if k != "step"},
+    ctx.enable_progress_bars = False  # one bar per rank only clutters the training log
+    pending = step_items()
+    while True:
+        # A bounded number of steps per Ray Dataset keeps the item list small at paper scale
+        # (400k steps) while small tables do not restart the fetch actor every epoch.
+        items = list(itertools.islice(pending, steps_per_dataset))
+        if not items:
+            return
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
+        ds = ds.map(
+            FetchStep,
+            fn_constructor_kwargs={
+                "uri": index.uri,
+                "version": index.version,
+                "storage_dtype": index.storage_dtype,
+                "storage_options": storage_options,
+            },
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=num_cpus,
         )
+        # One Ray Data "batch" = one training step (the rows were pre-batched above).
+        for item in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch):
+            yield (
+                int(item["step"][0]),
+                {k: torch.from_numpy(np.array(v[0])) for k, v in item.items() if k != "step"},
+            )

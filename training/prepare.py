@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,8 @@ class PrepareConfig:
     num_encoder_actors: int = 1  # actors per encoder pool (pre-sized: min == max)
     encoder_num_cpus: float = 1.0  # CPUs reserved per encoder actor
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+    clips_per_task: int = 16  # clips of one video decoded together (bounded, LESSONS.md)
+    decode_timeout_s: float = 600.0  # time budget for decoding one task's video
 
     def __post_init__(self) -> None:
         if self.frame_stride < 1:
@@ -155,6 +158,8 @@ class PrepareConfig:
             raise ValueError("num_encoder_actors: must be >= 1")
         if self.encoder_num_cpus <= 0 or self.decode_num_cpus <= 0:
             raise ValueError("encoder_num_cpus/decode_num_cpus: must be > 0")
+        if self.clips_per_task < 1 or self.decode_timeout_s <= 0:
+            raise ValueError("clips_per_task/decode_timeout_s: must be >= 1 / > 0")
 
 
 def meta_table_name(latents_table: str) -> str:
@@ -215,40 +220,59 @@ def crop_and_resize(frames: np.ndarray, bucket: BucketConfig) -> tuple[np.ndarra
     return out, [float(height), float(width), float(top), float(left), float(crop_h), float(crop_w)]
 
 
-def decode_frames(uri: str, frame_indices: list[int]) -> np.ndarray:
-    """Decode the given frame indices (display order, 0-based) of a video -> (K, H, W, 3) uint8.
+def decode_windows(
+    uri: str,
+    windows: list[list[int]],
+    storage_options: dict[str, str] | None = None,
+    timeout_s: float = 600.0,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(window index, (K, H, W, 3) uint8 RGB frames) for frame-index windows of one video, in
+    one sequential decoding pass, each yielded as soon as its last frame is decoded.
 
-    Seeks to the keyframe before the first wanted frame and decodes forward; the frame index
-    comes from the presentation time, so variable frame-rate streams still land on the right
-    frames (to within one frame period)."""
-    import av
+    Frames are counted by decoding order exactly as the split stage counts them (timestamps
+    drift on variable-frame-rate files), rotated for display like the clips table's width and
+    height, and opened through `data_engine.video` (local paths and object stores, a deadline,
+    FFmpeg errors mapped to VideoError)."""
+    from data_engine.video import (
+        VideoError,
+        apply_rotation,
+        decode_frames,
+        open_container,
+        rotation_from_frame,
+        video_stream,
+    )
 
-    wanted = sorted(set(frame_indices))
-    found: dict[int, np.ndarray] = {}
-    with av.open(uri) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        fps = float(stream.average_rate or stream.guessed_rate or 25)
-        time_base = float(stream.time_base)
-        start = float(stream.start_time or 0) * time_base
-        seek_s = start + wanted[0] / fps
-        if wanted[0] > 0:
-            container.seek(int(seek_s / time_base), stream=stream, backward=True)
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            index = round((frame.pts * time_base - start) * fps)
-            if index in found or index not in wanted:
-                if index > wanted[-1]:
-                    break
-                continue
-            found[index] = frame.to_ndarray(format="rgb24")
-            if len(found) == len(wanted):
-                break
-    missing = [i for i in wanted if i not in found]
-    if missing:
-        raise ValueError(f"frames {missing[:5]} not decodable (video has fewer frames?)")
-    return np.stack([found[i] for i in frame_indices])
+    if not windows:
+        return
+    users: dict[int, int] = {}
+    for window in windows:
+        for index in set(window):
+            users[index] = users.get(index, 0) + 1
+    order = sorted(range(len(windows)), key=lambda w: max(windows[w]))
+    images: dict[int, np.ndarray] = {}
+    next_window, index = 0, -1
+    deadline = time.monotonic() + timeout_s
+    with open_container(uri, storage_options, "prepare", timeout_s) as container:
+        stream = video_stream(container, uri, "prepare")
+        for frame in decode_frames(container, stream, uri, "prepare", deadline):
+            index += 1
+            if index in users:
+                rgb = frame.to_ndarray(format="rgb24")
+                images[index] = apply_rotation(rgb, rotation_from_frame(frame))
+            while next_window < len(order) and max(windows[order[next_window]]) <= index:
+                w = order[next_window]
+                yield w, np.stack([images[i] for i in windows[w]])
+                for i in set(windows[w]):
+                    users[i] -= 1
+                    if users[i] == 0:
+                        del images[i]
+                next_window += 1
+            if next_window == len(order):
+                return
+    missing = min(i for i in users if i > index)
+    raise VideoError(
+        "prepare", "truncated", f"{uri}: only {index + 1} frames decode, frame {missing} is missing"
+    )
 
 
 def stable_id(text: str) -> str:
@@ -263,65 +287,79 @@ def _to_storage(x: Any, dtype: str) -> bytes:
 
 
 class DecodeCrop:
-    """Reads clip rows (uri, frame range, bucket); writes frames cropped to the bucket + micro_cond.
-    A clip that fails to decode becomes a quarantine row instead of failing the job."""
+    """Reads one task item (a video, or an image, and its clips' windows and buckets); writes one
+    row per clip: frames cropped to the bucket (bytes) + micro_cond. Each video is decoded once
+    per task. A clip that cannot be decoded becomes a quarantine row instead of failing the job.
+    """
 
-    def __init__(self, db_uri: str, storage_options: dict[str, str] | None, stride: int) -> None:
+    def __init__(
+        self, db_uri: str, storage_options: dict[str, str] | None, stride: int, timeout_s: float
+    ) -> None:
         self.db_uri = db_uri
         self.storage_options = storage_options
         self.stride = stride
+        self.timeout_s = timeout_s
 
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        bucket = BucketConfig(int(row["num_frames"]), int(row["height"]), int(row["width"]))
+    def _quarantine(
+        self, item: dict[str, Any], clips: list[dict[str, Any]], err: Exception
+    ) -> None:
+        rows = [
+            {
+                "uri": item["uri"],
+                "video_id": item.get("video_id"),
+                "clip_id": clip["clip_id"],
+                "stage": "prepare",
+                "error_type": getattr(err, "error_type", type(err).__name__),
+                "message": str(err)[:500],
+                "attempts": 1,
+            }
+            for clip in clips
+        ]
+        Database(self.db_uri, self.storage_options).write(QUARANTINE, pa.Table.from_pylist(rows))
+
+    def _row(self, clip: dict[str, Any], frames: np.ndarray) -> dict[str, Any]:
+        bucket = BucketConfig(int(clip["num_frames"]), int(clip["height"]), int(clip["width"]))
+        cropped, micro = crop_and_resize(frames, bucket)
+        # Frame stride is a micro-condition of videos; images have none (0).
+        stride = float(self.stride if bucket.num_frames > 1 else 0)
+        return {
+            "clip_id": clip["clip_id"],
+            "caption": clip["caption"],
+            "bucket": bucket.key,
+            "num_frames": bucket.num_frames,
+            "height": bucket.height,
+            "width": bucket.width,
+            "frames": cropped.tobytes(),
+            "micro_cond": [*micro, stride],
+        }
+
+    def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        from data_engine.video import VideoError
+
+        clips = item["clips"]
+        out: list[dict[str, Any]] = []
         try:
-            if row["source"] == "image":
+            if item["source"] == "image":
                 import cv2
 
-                image = cv2.imread(row["uri"], cv2.IMREAD_COLOR)
+                image = cv2.imread(item["uri"], cv2.IMREAD_COLOR)
                 if image is None:
-                    raise ValueError(f"cannot read image {row['uri']}")
-                frames = image[None, :, :, ::-1]
-            else:
-                indices = window_frames(
-                    int(row["start_frame"]), int(row["end_frame"]), bucket.num_frames, self.stride
-                )
-                frames = decode_frames(row["uri"], indices)
-            cropped, micro = crop_and_resize(frames, bucket)
-        except (
-            ValueError,
-            OSError,
-            RuntimeError,
-        ) as err:  # av.error.* derive from OSError/ValueError
-            Database(self.db_uri, self.storage_options).write(
-                QUARANTINE,
-                pa.Table.from_pylist(
-                    [
-                        {
-                            "uri": row["uri"],
-                            "video_id": row.get("video_id"),
-                            "clip_id": row["clip_id"],
-                            "stage": "prepare",
-                            "error_type": type(err).__name__,
-                            "message": str(err)[:500],
-                            "attempts": 1,
-                        }
-                    ]
-                ),
-            )
-            return []
-        stride = float(self.stride if bucket.num_frames > 1 else 0)
-        return [
-            {
-                "clip_id": row["clip_id"],
-                "caption": row["caption"],
-                "bucket": bucket.key,
-                "num_frames": bucket.num_frames,
-                "height": bucket.height,
-                "width": bucket.width,
-                "frames": cropped.tobytes(),
-                "micro_cond": [*micro, stride],
-            }
-        ]
+                    raise VideoError(
+                        "prepare", "unreadable_image", f"cannot read image {item['uri']}"
+                    )
+                return [self._row(clips[0], np.ascontiguousarray(image[None, :, :, ::-1]))]
+            windows = [
+                window_frames(c["start_frame"], c["end_frame"], c["num_frames"], self.stride)
+                for c in clips
+            ]
+            for w, frames in decode_windows(
+                item["uri"], windows, self.storage_options, self.timeout_s
+            ):
+                out.append(self._row(clips[w], frames))
+        except (VideoError, ValueError, OSError) as err:
+            done = {row["clip_id"] for row in out}
+            self._quarantine(item, [c for c in clips if c["clip_id"] not in done], err)
+        return out
 
 
 class LatentEncodeActor:
@@ -464,6 +502,28 @@ def _plan(
     return todo, counts
 
 
+def group_tasks(todo: list[dict[str, Any]], clips_per_task: int) -> list[dict[str, Any]]:
+    """One task item per (video, up to `clips_per_task` clips): a video is decoded once per
+    task, and a long film is split over several tasks so it cannot stall one worker."""
+    by_uri: dict[str, list[dict[str, Any]]] = {}
+    for clip in todo:
+        by_uri.setdefault(clip["uri"], []).append(clip)
+    items = []
+    for uri, clips in by_uri.items():
+        clips.sort(key=lambda c: c["start_frame"])
+        for start in range(0, len(clips), clips_per_task):
+            chunk = clips[start : start + clips_per_task]
+            items.append(
+                {
+                    "uri": uri,
+                    "video_id": chunk[0]["video_id"],
+                    "source": chunk[0]["source"],
+                    "clips": chunk,
+                }
+            )
+    return items
+
+
 def _write_meta(db: Database, cfg: PrepareConfig) -> None:
     """Record the encoders and the encoded empty prompt (the null text for text dropout)."""
     from training.encoders import TextEncoder, build_latent_encoder
@@ -501,13 +561,17 @@ def _write_meta(db: Database, cfg: PrepareConfig) -> None:
     db.write(name, pa.Table.from_pylist([row]), mode="overwrite")
 
 
-def _ensure_ray(address: str | None) -> bool:
-    """Connect to (or start) Ray; True when this call started it (and must shut it down)."""
+def ensure_ray(address: str | None) -> bool:
+    """Connect to Ray at `address` (or $RAY_ADDRESS), else start a private local instance (never
+    silently join another user's local cluster). True when this call started/connected it and
+    must shut it down; False when Ray was already initialised by the caller."""
+    import os
+
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
     return True
 
 
@@ -539,16 +603,18 @@ def run_prepare(
 
     written = 0
     if todo:
-        started = _ensure_ray(address)
+        started = ensure_ray(address)
         try:
             encoder = {k: getattr(cfg.encoder, k) for k in EncoderConfig.__dataclass_fields__}
-            ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo), 64)))
+            items = group_tasks(todo, cfg.clips_per_task)
+            ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
             ds = ds.flat_map(
                 DecodeCrop,
                 fn_constructor_kwargs={
                     "db_uri": db.uri,
                     "storage_options": db.storage_options,
                     "stride": cfg.frame_stride,
+                    "timeout_s": cfg.decode_timeout_s,
                 },
                 compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=cfg.decode_num_cpus,

@@ -273,19 +273,33 @@ def initial_state(cfg: TrainConfig, model_cfg) -> dict:
 def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float:
     """Training FLOPs for one sample (forward + backward = 3x forward), counted as 2 x MACs of
     every matmul: linear layers (2 x block weights x tokens) plus attention scores and weighted
-    sums (spatial 4 N^2 d per frame, temporal 4 T^2 d per position, cross 4 N L d per frame)."""
+    sums (spatial 4 N^2 d per frame, temporal 4 T^2 d per position, cross 4 N L d per frame).
+    Under MaskDiT the main blocks see only the kept tokens; the extra blocks see all of them.
+    Norms, RoPE and the condition MLPs are ignored (well under 1% at XL size)."""
     c, t, h, w = latent_shape
     p, pt, d = model_cfg.patch_size, model_cfg.temporal_patch_size, model_cfg.hidden_size
-    tt, n = max(1, t // pt), (h // p) * (w // p)
-    tokens = tt * n
-    temporal = 4 * d * d if model_cfg.temporal_attention and tt > 1 else 0
-    per_token_block = 2 * (4 * d * d + temporal + 2 * d * d + 2 * d * model_cfg.mlp_hidden)
-    per_sample_block = per_token_block * tokens + 2 * 2 * d * d * text_len
-    attention = (
-        4 * n * n * d * tt + (4 * tt * tt * d * n if temporal else 0) + 4 * n * text_len * d * tt
-    )
-    forward = model_cfg.total_blocks * (per_sample_block + attention)
-    forward += 2 * tokens * d * (c * p * p * pt) * 2  # patch embedding + final projection
+    tt, n_all = max(1, t // pt), (h // p) * (w // p)
+    has_temporal = model_cfg.temporal_attention and tt > 1
+
+    def block(n: int) -> float:
+        linear = 2 * (
+            4 * d * d
+            + (4 * d * d if has_temporal else 0)
+            + 2 * d * d
+            + 2 * d * model_cfg.mlp_hidden
+        )
+        kv_text = 2 * 2 * d * d * text_len  # cross-attention keys/values of the text tokens
+        attention = (
+            4 * n * n * d * tt
+            + (4 * tt * tt * d * n if has_temporal else 0)
+            + 4 * n * text_len * d * tt
+        )
+        return linear * n * tt + kv_text + attention
+
+    n_kept = max(1, round(n_all * (1 - model_cfg.mask_ratio)))
+    forward = model_cfg.num_masked_blocks * block(n_kept)
+    forward += model_cfg.num_extra_unmasked_blocks * block(n_all)
+    forward += 2 * 2 * tt * n_all * d * (c * p * p * pt)  # patch embedding + final projection
     return 3.0 * forward
 
 
@@ -470,6 +484,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     engine.train()
     last = time.perf_counter()
     optim_bytes = None
+    # Since the last metric line, on this rank: samples, tokens and training FLOPs.
+    interval = {"samples": 0.0, "tokens": 0.0, "flops": 0.0}
     for step_index, batch in rank_feed(
         index,
         batch_sizes,
@@ -515,30 +531,34 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if optim_bytes is None:
             optim_bytes = optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer))
 
+        latent_shape = list(x1.shape[1:])
+        interval["samples"] += b
+        interval["tokens"] += b * _tokens_per_sample(model_cfg, latent_shape)
+        interval["flops"] += b * flops_per_sample(
+            model_cfg, latent_shape, batch["text_tokens"].shape[1]
+        )
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            stats = torch.tensor([loss.item(), float(b)], dtype=torch.float64)
-            dist.all_reduce(stats)
+            stats = torch.tensor(
+                [loss.item(), interval["samples"], interval["tokens"], interval["flops"]],
+                dtype=torch.float64,
+            )
+            dist.all_reduce(stats)  # sums over ranks
             grad_norm = engine.get_global_grad_norm()
             now = time.perf_counter()
             elapsed, last = now - last, now
-            global_batch = stats[1].item()
-            tokens = global_batch * _tokens_per_sample(model_cfg, list(x1.shape[1:]))
+            interval = dict.fromkeys(interval, 0.0)
             logged = {
                 "step": step,
-                "loss": stats[0].item() / world,
+                "loss": stats[0].item() / world,  # mean of the ranks' batch losses
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "samples_per_s": global_batch * cfg.log_every / elapsed,
-                "tokens_per_s": tokens * cfg.log_every / elapsed,
+                "samples_per_s": stats[1].item() / elapsed,
+                "tokens_per_s": stats[2].item() / elapsed,
                 "optimizer_state_bytes_rank0": optim_bytes,
             }
             if use_gpu:
-                flops = flops_per_sample(
-                    model_cfg, list(x1.shape[1:]), batch["text_tokens"].shape[1]
-                )
-                logged["mfu"] = (
-                    logged["samples_per_s"] * flops / (world * cfg.gpu_peak_tflops * 1e12)
-                )
+                # MFU: counted training FLOPs (flops_per_sample) over the GPUs' dense bf16 peak.
+                logged["mfu"] = stats[3].item() / elapsed / (world * cfg.gpu_peak_tflops * 1e12)
             if rank == 0:
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(logged) + "\n")
@@ -579,6 +599,7 @@ def run_train(
 
     from data_engine.store import Database
     from training.checkpoint import list_checkpoints
+    from training.prepare import ensure_ray
 
     start_s = time.time()
     cfg = load_config(TrainConfig, config_path, overrides)
@@ -595,10 +616,7 @@ def run_train(
     save_config(cfg, run_dir / "resolved_config.yaml")
     (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
-        started = True
+    started = ensure_ray(address)
     try:
         scaling = resolve_scaling(cfg.scaling, ray.cluster_resources())
         loop_config = {

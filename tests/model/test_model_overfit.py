@@ -19,9 +19,10 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_tiny_model_overfits_one_batch():
+@pytest.mark.parametrize("predict_clean", [False, True])
+def test_tiny_model_overfits_one_batch(predict_clean):
     torch.manual_seed(0)
-    model = STIV(get_preset("stiv-tiny")).train()
+    model = STIV(get_preset("stiv-tiny", predict_clean=predict_clean)).train()
     g = torch.Generator().manual_seed(0)
     b = 2
     x1 = torch.randn(b, 4, 4, 8, 8, generator=g)

@@ -83,7 +83,7 @@ def ray_cluster():
     """A real 2-CPU local Ray, shut down after the module (no stray processes)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -135,10 +135,13 @@ def train_db(tmp_path_factory, tiny_encoders) -> str:
     db.create_snapshot("train", None)
     config = root / "prepare.yaml"
     config.write_text(TRAIN_PREPARE.format(text=tiny_encoders["text"]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = run_prepare(db.uri, "train", str(config))
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert summary["buckets"] == {"f8x16x16": 8, "f8x16x24": 8}, summary
     return db.uri

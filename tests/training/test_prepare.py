@@ -14,7 +14,7 @@ from training.prepare import (
     choose_bucket,
     crop_and_resize,
     crop_box,
-    decode_frames,
+    decode_windows,
     run_prepare,
     window_frames,
 )
@@ -160,19 +160,27 @@ def test_bucket_choice_window_and_crop_boundaries():
     assert out.shape == (2, 256, 256, 3) and micro == [720, 1280, 0, 280, 720, 720]
 
 
-def test_decode_frames_exact_indices(tmp_path):
-    """Seeking must land on the requested frame, not the keyframe before it: the square's
-    x position encodes the frame index."""
+def test_decode_windows_exact_frames_one_pass(tmp_path):
+    """Frames are counted like the split stage counts them (decode order), every window comes
+    back even when windows overlap or arrive out of order, and a window past the end of the
+    video is reported as truncated: the square's x position encodes the frame index."""
+    from data_engine.video import VideoError
     from tests.training.conftest import write_video
 
     path = tmp_path / "v.mp4"
     write_video(path, (255, 0, 0), 30)
-    frames = decode_frames(str(path), [0, 13, 27])
-    red_columns = [np.where(f[22, :, 0] > 200)[0] for f in frames]
-    assert [int(c.min()) for c in red_columns] == pytest.approx([2, 15, 29], abs=1)
+    windows = [[13, 16, 19], [0, 1, 2], [2, 27]]
+    got = dict(decode_windows(str(path), windows))
+    assert sorted(got) == [0, 1, 2]
+    for w, frames in got.items():
+        red_x = [int(np.where(f[22, :, 0] > 200)[0].min()) for f in frames]
+        assert red_x == pytest.approx([2 + i for i in windows[w]], abs=1)
+    with pytest.raises(VideoError, match="truncated"):
+        list(decode_windows(str(path), [[28, 30]]))
 
 
 def test_micro_cond_names_match_model():
     """Prepare writes micro-conditions in the order the model embeds them."""
-    config = pytest.importorskip("model.config")
-    assert config.MICRO_COND_NAMES == MICRO_COND_NAMES
+    from model.config import MICRO_COND_NAMES as MODEL_NAMES
+
+    assert MODEL_NAMES == MICRO_COND_NAMES

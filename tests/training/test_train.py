@@ -74,7 +74,7 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db):
     config = _train_yaml(tmp_path, train_db)
     reference = tmp_path / "runs" / "reference"
     interrupted = tmp_path / "runs" / "interrupted"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         summary = run_train(config)
         first = run_train(
@@ -233,6 +233,37 @@ def test_plan_one_bucket_per_batch_equal_steps():
     assert any(not np.array_equal(r1, r2) for (_, r1), (_, r2) in zip(plan, other))
 
 
+def test_rank_feed_reads_planned_batches_across_datasets_and_epochs(train_db, ray_cluster):
+    """The Ray Data feed delivers, in step order, exactly the rows the plan gives each rank,
+    stacked in one bucket's shape, across dataset chunks and epoch boundaries, and a feed
+    started mid-way (resume) continues with identical batches."""
+    from data_engine.store import Database
+    from training.data import index_table, rank_feed
+
+    db = Database(train_db)
+    index = index_table(db.uri_for("latents"), None, "float32")
+    sizes = {k: 2 for k in index.buckets}  # 2 buckets x 8 rows, world 2 -> 4 steps per epoch
+    feeds = [list(rank_feed(index, sizes, 2, r, 7, 0, 6, steps_per_dataset=5)) for r in (0, 1)]
+    for rank, feed in enumerate(feeds):
+        assert [step for step, _ in feed] == list(range(6))
+        for step, batch in feed:
+            epoch, i = divmod(step, 4)
+            key, rows = plan_epoch(index.buckets, sizes, 2, 7, epoch)[i]
+            frames, height, width = (int(v) for v in key[1:].split("x"))
+            assert batch["latents"].shape == (2, 12, frames, height // 2, width // 2)
+            assert batch["text_mask"].dtype == torch.bool and batch["micro_cond"].shape == (2, 7)
+            expected = db.table("latents").take(
+                rows[rank * 2 : rank * 2 + 2].tolist(), columns=["latents"]
+            )
+            first = np.frombuffer(expected["latents"][0].as_py(), np.float32)
+            assert np.array_equal(batch["latents"][0].numpy().ravel(), first)
+    resumed = list(rank_feed(index, sizes, 2, 1, 7, 6, 10))
+    assert [s for s, _ in resumed] == [6, 7, 8, 9]
+    assert all(
+        torch.equal(a["latents"], b["latents"]) for (_, a), (_, b) in zip(resumed, feeds[1][6:])
+    )
+
+
 def test_resolve_scaling_leaves_cpus_for_data():
     """On the 2-core machine, 2 workers must not take both CPUs (ENV-NOTES.md deadlock)."""
     from training.train import ScalingSection
@@ -289,6 +320,25 @@ def test_warmup_then_constant_and_ema():
         ema.state_dict()["weight"], 0.9 * before + 0.1 * model.weight.detach()
     )
     assert EMA(model, 0.9999, warmup=True).decay_at(0) == pytest.approx(0.1)
+
+
+def test_flops_estimate_matches_six_n_d_and_masking():
+    """The MFU numerator: for a wide model, FLOPs per token are ~6 x block parameters (the
+    standard 6ND rule) plus attention; MaskDiT at 50% roughly halves the main blocks' share."""
+    from training.train import flops_per_sample
+
+    cfg = get_preset("stiv-xl")
+    shape = [4, 20, 32, 32]  # 20 latent frames at 256 px through an 8x VAE
+    tokens = 10 * 16 * 16
+    d, hidden = cfg.hidden_size, cfg.mlp_hidden
+    # Weights applied per video token: spatial and temporal attention (4 d^2 each), the cross
+    # attention's query and output (2 d^2; its keys/values act on text tokens), the MLP.
+    linear_per_block = 4 * d * d * 2 + 2 * d * d + 2 * d * hidden
+    six_nd = 6 * linear_per_block * cfg.num_blocks * tokens
+    full = flops_per_sample(cfg, shape, 77)
+    assert six_nd < full < 1.5 * six_nd
+    masked = flops_per_sample(cfg.replace(mask_ratio=0.5), shape, 77)
+    assert 0.5 * full < masked < 0.65 * full
 
 
 def test_every_pipeline_yaml_loads_and_validates():
