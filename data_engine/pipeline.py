@@ -176,6 +176,10 @@ def sample_clips(
         rows = [_clip_row(info, s, e, provenance) for s, e in ranges]
         for row, caption in zip(rows, video.get("clip_captions") or []):
             row["caption"] = caption  # backfilling `dsg` on clips captioned earlier
+        if "caption" in stages and cfg.caption.backend == "sidecar":
+            sidecar = sidecar_caption(info.uri, cfg)
+            for row in rows:
+                row.update(sidecar)
         pending: list[dict[str, Any]] = []
         finished: set[int] = set()
         try:
@@ -209,6 +213,34 @@ def sample_clips(
             yield _rows_table(pending, stages)
 
 
+def sidecar_caption(uri: str, cfg: CurateConfig) -> dict[str, Any]:
+    """Caption columns from `<video stem>.txt` beside the video (datasets that ship captions).
+    A missing or empty file leaves the caption null, which `prepare` skips."""
+    from data_engine.video import open_input
+
+    stem, _, _ = uri.rpartition(".")
+    text = None
+    try:
+        source = open_input(stem + ".txt", cfg.storage_options or None)
+        if isinstance(source, str):
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read().strip() or None
+        else:
+            with source:
+                text = source.read().decode("utf-8").strip() or None
+    except (OSError, VideoError):
+        text = None
+    provenance = json.dumps({"backend": "sidecar", "file": stem + ".txt"})
+    return {
+        "caption": text,
+        "caption_backend": "sidecar",
+        "caption_model": "",
+        "caption_prompt_hash": "",
+        "caption_time_s": 0.0,
+        "caption_provenance": provenance,
+    }
+
+
 def _empty_frames() -> dict[str, Any]:
     return {_FRAMES: b"", _SHAPE: [0, 0, 0, 3], _TIMES: []}
 
@@ -218,7 +250,11 @@ def _rows_table(rows: list[dict[str, Any]], stages: list[str]) -> pa.Table:
     for name, schema in CHEAP_SCORE_SCHEMA.items():
         if name in stages:
             fields.extend(schema)
-    if any("caption" in r for r in rows):
+    if any("caption_provenance" in r for r in rows):
+        from data_engine.captioning.caption import CaptionStage
+
+        fields.extend(CaptionStage.output_schema)
+    elif any("caption" in r for r in rows):
         fields.append(pa.field("caption", pa.string()))
     fields += [
         pa.field(_FRAMES, pa.binary()),
@@ -373,6 +409,8 @@ def _task_args(cfg: CurateConfig) -> dict[str, Any]:
 def clip_dataset(videos, cfg: CurateConfig, stages: list[str]):
     """Ray Data: done video rows -> scored clip rows (transient frame columns still attached)."""
     model_stages = [s for s in MODEL_STAGES if s in stages]
+    if cfg.caption.backend == "sidecar" and "caption" in model_stages:
+        model_stages.remove("caption")  # filled while sampling (see `sidecar_caption`)
     ds = videos.map_batches(
         sample_clips,
         batch_size=1,

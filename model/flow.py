@@ -216,6 +216,19 @@ def apply_condition_dropout(
 # ---------------------------------------------------------------------------- one training loss
 
 
+def model_config(model):
+    """The `STIVConfig` of an `STIV`, also through DDP / DeepSpeed (`.module`) and
+    `torch.compile` (`._orig_mod`) wrappers."""
+    for _ in range(4):
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None:
+            return cfg
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            break
+    raise AttributeError("model has no STIVConfig (.cfg), also not behind .module / ._orig_mod")
+
+
 def training_loss(
     model,
     x1: torch.Tensor,
@@ -234,7 +247,8 @@ def training_loss(
     mask_ratio: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Full flow-matching step for `model` (an `STIV`): dropout -> t, eps -> x_t -> frame
+    """Full flow-matching step for `model` (an `STIV`, possibly wrapped by DDP / DeepSpeed /
+    torch.compile): dropout -> t, eps -> x_t -> frame
     replacement -> MaskDiT keep-mask -> velocity -> masked loss.
 
     `null_text = (tokens, mask, pooled)` of the encoded empty prompt enables condition dropout.
@@ -260,7 +274,7 @@ def training_loss(
     x_t = replace_frames(interpolate(x1, noise, t), x1, given_frames)
     target = velocity_target(x1, noise)
 
-    cfg = model.cfg
+    cfg = model_config(model)
     ratio = (cfg.mask_ratio if model.training else 0.0) if mask_ratio is None else mask_ratio
     token_keep = None
     if ratio > 0:

@@ -298,11 +298,15 @@ class STIV(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """Network output -> velocity. Identity unless `cfg.predict_clean`."""
+        """Network output -> velocity. Identity unless `cfg.predict_clean`, where
+        `v = (x_hat - x_t) / max(1 - t, cfg.clean_pred_min_denominator)`, computed in fp32 and
+        returned in the wider of the two input dtypes (so a bf16 x_hat under autocast does not
+        round the up-to-20x amplified velocity to bf16 when x_t is fp32)."""
         if not self.cfg.predict_clean:
             return raw
         denom = (1 - t.float()).clamp(min=self.cfg.clean_pred_min_denominator).view(-1, 1, 1, 1, 1)
-        return ((raw.float() - x_t.float()) / denom).to(raw.dtype)
+        v = (raw.float() - x_t.float()) / denom
+        return v.to(torch.promote_types(raw.dtype, x_t.dtype))
 
     def _rope(self, tt: int, ht: int, wt: int, device) -> tuple[torch.Tensor, tuple, tuple]:
         hd = self.cfg.head_dim

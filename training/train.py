@@ -248,26 +248,25 @@ def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dic
     return {"num_workers": workers, "cpus_per_worker": per_worker, "use_gpu": use_gpu}
 
 
-def initial_state(cfg: TrainConfig, model_cfg) -> dict:
-    """State dict a stage starts from (STIV-RECIPE.md, progressive recipe): the parent's EMA
-    weights as they are (plain), inflated T2I -> T2V, or the "both" merge; None from scratch."""
+def initialise_from(model, init_from: InitFromSection) -> None:
+    """Load the weights a stage starts from into `model`, in place (STIV-RECIPE.md, progressive
+    recipe): the parent's EMA weights as they are (plain), T2I -> T2V inflation (all but
+    temporal attention; temporal gates at zero), or the "both" merge. Each worker reads the
+    parent run from shared storage, so multi-GB states never travel through Ray's object store.
+    """
     from model.init import init_both, init_video_from_image
-    from model.network import STIV
     from training.checkpoint import load_ema_state
 
-    mode = cfg.init_from.mode
-    if mode == "none":
-        return {}
-    model = STIV(model_cfg)
-    parent, _ = load_ema_state(cfg.init_from.run_dir)
-    if mode == "plain":
+    if init_from.mode == "none":
+        return
+    parent, _ = load_ema_state(init_from.run_dir)
+    if init_from.mode == "plain":
         model.load_state_dict(parent, strict=True)
-    elif mode == "t2v_from_t2i":
+    elif init_from.mode == "t2v_from_t2i":
         init_video_from_image(model, parent)
     else:
-        temporal, _ = load_ema_state(cfg.init_from.temporal_run_dir)
+        temporal, _ = load_ema_state(init_from.temporal_run_dir)
         init_both(model, parent, temporal)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def flops_per_sample(model_cfg, latent_shape: list[int], text_len: int) -> float:
@@ -386,8 +385,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and loop_config["resume_path"]:
         ckpt = ray.train.Checkpoint(loop_config["resume_path"])
-    if ckpt is None and loop_config.get("init_state"):
-        model.load_state_dict(loop_config["init_state"], strict=True)
+    if ckpt is None:
+        initialise_from(model, cfg.init_from)
     model.to(device)
     optimizer = build_optimizer(
         model.parameters(),
@@ -623,7 +622,6 @@ def run_train(
             "config": to_dict(cfg),
             "model_config": model_cfg.to_dict(),
             "meta": meta,
-            "init_state": initial_state(cfg, model_cfg) if not checkpoints else {},
             "latents_uri": db.uri_for(cfg.latents_table),
             "storage_options": db.storage_options,
             "table_version": table_version,

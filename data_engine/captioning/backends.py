@@ -50,6 +50,7 @@ class BackendConfig:
     """Settings shared by the `caption`, `dsg_questions` and `dsg_verify` config sections."""
 
     section: ClassVar[str] = "backend"
+    extra_backends: ClassVar[tuple[str, ...]] = ()  # section-specific sources beyond the models
 
     backend: str = "openai"  # "openai" (OpenAI-compatible server) | "local" (transformers dir)
     base_url: str = "http://127.0.0.1:8000/v1"  # openai: server root ending in /v1
@@ -67,7 +68,7 @@ class BackendConfig:
 
     def __post_init__(self) -> None:
         s = self.section
-        if self.backend not in BACKENDS:
+        if self.backend not in (*BACKENDS, *self.extra_backends):
             raise ValueError(f"{s}.backend: must be one of {BACKENDS}, got {self.backend!r}")
         # `model` / `model_path` may stay empty here so that a config whose stage does not run
         # still loads; the backend refuses to start without them (StageError naming the key).

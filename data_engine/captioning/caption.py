@@ -37,6 +37,9 @@ class CaptionConfig(BackendConfig):
     """The `caption` config section."""
 
     section: ClassVar[str] = "caption"
+    # "sidecar": captions shipped with the dataset as `<video stem>.txt` next to each video
+    # (one caption for every clip of that video); read by the pipeline, no model runs.
+    extra_backends: ClassVar[tuple[str, ...]] = ("sidecar",)
 
     prompt: str = DEFAULT_CAPTION_PROMPT  # instruction sent after the frames
     frames_per_clip: int = 8  # frames sent per clip, evenly spaced over the sampled ones

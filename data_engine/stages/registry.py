@@ -24,6 +24,8 @@ def _require_clip_weights(section: str, clip_cfg: Any) -> None:
 
 
 def _require_chat(section: str, chat_cfg: Any) -> None:
+    if chat_cfg.backend == "sidecar":
+        return
     if chat_cfg.backend == "local":
         if not chat_cfg.model_path:
             raise StageError(f"{section}.model_path: required for backend 'local'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,3 +219,24 @@ def test_cli_query_count_json_and_bad_filter(ray_session, video_dir: Path, tmp_p
     assert [s["name"] for s in listed["snapshots"]] == ["all"]
     again = _stiv("snapshot", "create", "--db", db, "--name", "all")
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_sidecar_captions_are_read_with_provenance(
+    ray_session, video_dir: Path, tmp_path: Path
+) -> None:
+    """Datasets that ship captions (`<stem>.txt` beside each video) fill `caption` without a
+    model; a video without one keeps a null caption instead of an invented one."""
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(video_dir / "good" / "moving.mp4", root / "moving.mp4")
+    shutil.copy(video_dir / "good" / "static.mp4", root / "static.mp4")
+    (root / "moving.txt").write_text("a white square moving right\n")
+    cfg = load_curate_config(None, [*FAST, "caption.backend=sidecar"], "probe,split,motion,caption")
+    run_curate([str(root)], str(tmp_path / "db"), cfg)
+    rows = {
+        Path(r["uri"]).name: r
+        for r in Database(tmp_path / "db").table("clips").to_table().to_pylist()
+    }
+    assert rows["moving.mp4"]["caption"] == "a white square moving right"
+    assert rows["moving.mp4"]["caption_backend"] == "sidecar"
+    assert rows["static.mp4"]["caption"] is None

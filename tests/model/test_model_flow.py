@@ -172,3 +172,25 @@ def test_training_loss_masks_and_maskdit_switch():
     assert aux["token_keep"] is None  # unmasked in eval
     _, aux = training_loss(m.train(), x1, tokens, mask, pooled, micro, mask_ratio=0.0)
     assert aux["token_keep"] is None  # the switch to train unmasked
+
+
+def test_training_loss_through_wrappers():
+    """DDP / DeepSpeed engines expose the model as `.module`; torch.compile as `._orig_mod`."""
+    torch.manual_seed(0)
+    m = STIV(get_preset("stiv-tiny")).train()
+
+    class Wrapper(torch.nn.Module):  # what DDP / DeepSpeed look like from here
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    x1 = torch.randn(2, 4, 2, 8, 8)
+    tokens, mask, pooled, _ = _cond(2, dim=16)
+    micro = torch.tensor([[64.0, 64, 0, 0, 64, 64, 1]] * 2)
+    kw = dict(t=torch.tensor([0.2, 0.6]), noise=torch.randn_like(x1))
+    ref, _ = training_loss(m, x1, tokens, mask, pooled, micro, **kw)
+    wrapped, _ = training_loss(Wrapper(m).train(), x1, tokens, mask, pooled, micro, **kw)
+    torch.testing.assert_close(wrapped, ref)

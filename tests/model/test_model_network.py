@@ -181,6 +181,7 @@ def test_predict_clean_converts_to_velocity():
     v = m(x, t, *cond)
     expected = (raw - x) / torch.tensor([0.7, 0.05]).view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(v, expected, atol=1e-5, rtol=1e-5)
+    assert m.velocity(x, t, raw.bfloat16()).dtype == torch.float32  # no bf16 rounding of v
     m2 = make_model(predict_clean=False)
     torch.testing.assert_close(m2(x, t, *cond), m2.predict(x, t, *cond))
 
