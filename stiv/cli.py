@@ -179,6 +179,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.generate import GenerateRequest, run_generate
+
+    try:
+        request = GenerateRequest(
+            checkpoint=args.checkpoint, prompt=args.prompt, image=args.image,
+            last_image=args.last_image, video=args.video, given_frames=args.given_frames,
+            cfg_scale=args.cfg_scale, steps=args.steps, solver=args.solver, seed=args.seed,
+            frames=args.frames, height=args.height, width=args.width, fps=args.fps, out=args.out,
+        )  # fmt: skip
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    print(json.dumps(run_generate(request)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.checkpoint import export_ema
+
+    if not str(args.out).endswith(".safetensors"):
+        raise CliError("--out: weights are exported as safetensors only (use a .safetensors name)")
+    print(json.dumps(export_ema(args.run, args.out)))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------
 # Parser
 # ------------------------------------------------------------------------------------------
@@ -255,6 +280,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="T2V / TI2V / interpolation / prediction from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory or exported .safetensors")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", help="first frame (TI2V)")
+    p.add_argument("--last-image", help="last frame (interpolation, with --image)")
+    p.add_argument("--video", help="condition on this clip's first frames (prediction)")
+    p.add_argument(
+        "--given-frames", type=int, default=4, help="prediction: frames taken from --video"
+    )
+    p.add_argument(
+        "--cfg-scale", type=float, default=7.5, help="JIT-CFG scale (1.0 = conditional only)"
+    )
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--height", type=int, default=32)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--fps", type=int, default=8)
+    p.add_argument(
+        "--out", default="generated.mp4", help="MP4 path; a PNG strip is written beside it"
+    )
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="consolidated EMA weights + config as one safetensors file")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", required=True, help="model.safetensors")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -262,8 +316,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_engine.stages.base import StageError
     from data_engine.store import StoreError
     from stiv.config import ConfigError
+    from training.checkpoint import CheckpointError
 
-    return (CliError, ConfigError, StoreError, StageError, FileNotFoundError)
+    return (CliError, ConfigError, StoreError, StageError, CheckpointError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,9 @@ def all_specs(num_videos: int, seed: int = 0) -> list[ShapeSpec]:
     combos = [(c, d) for c in COLOURS for d in DIRECTIONS]
     for i in range(num_videos):
         colour, direction = combos[i % len(combos)]
-        specs.append(ShapeSpec(colour, SHAPES[(i // len(combos)) % len(SHAPES)], direction, seed + i))
+        specs.append(
+            ShapeSpec(colour, SHAPES[(i // len(combos)) % len(SHAPES)], direction, seed + i)
+        )
     return specs
 
 
@@ -110,7 +112,9 @@ def render(spec: ShapeSpec, num_frames: int, size: int) -> np.ndarray:
     return frames
 
 
-def write_dataset(out_dir: str | Path, specs: list[ShapeSpec], num_frames: int, size: int, fps: int) -> list[Path]:
+def write_dataset(
+    out_dir: str | Path, specs: list[ShapeSpec], num_frames: int, size: int, fps: int
+) -> list[Path]:
     """Videos plus same-stem `.txt` captions (the data engine's sidecar caption source) and a
     `specs.jsonl` manifest with the ground truth."""
     from data_engine.samples import write_video
