@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import get_preset
 from model.flow import training_loss
 from model.network import STIV
-from training.data import _decode_rows, index_table, plan_epoch, rank_feed
+from training.data import decode_rows, index_table, plan_epoch, rank_feed
 from training.optim import AdaFactor
 from training.prepare import LATENTS_SCHEMA
 
@@ -106,7 +106,7 @@ def main() -> None:
         # In memory: decode every row once, then index the same plan.
         import lance
 
-        decoded = _decode_rows(lance.dataset(uri).to_table(), "float32")
+        decoded = decode_rows(lance.dataset(uri).to_table(), "float32")
         tensors = {k: torch.from_numpy(v) for k, v in decoded.items()}
 
         def memory_batches():

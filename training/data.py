@@ -81,7 +81,7 @@ def steps_per_epoch(
     return sum(len(rows) // (batch_sizes[k] * world_size) for k, rows in buckets.items())
 
 
-def _decode_rows(table, storage_dtype: str) -> dict[str, np.ndarray]:
+def decode_rows(table, storage_dtype: str) -> dict[str, np.ndarray]:
     """Lance rows of one bucket -> stacked float32/bool arrays (shapes equal by construction)."""
     cols = table.to_pydict()
     n = len(cols["latents"])
@@ -122,7 +122,7 @@ class FetchStep:
         # One element per step: the whole batch, already stacked.
         return {
             "step": item["step"],
-            **{k: v for k, v in _decode_rows(rows, self.storage_dtype).items()},
+            **{k: v for k, v in decode_rows(rows, self.storage_dtype).items()},
         }
 
 

@@ -140,7 +140,7 @@ class LocalCluster:
                 # SIGTERM lets `ray start --block` stop its node's processes itself.
                 os.killpg(node.pid, signal.SIGTERM)
                 try:
-                    node.wait(timeout=20)
+                    node.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(node.pid, signal.SIGKILL)
                     node.wait(timeout=10)

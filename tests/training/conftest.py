@@ -79,13 +79,10 @@ def clips_db(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A real 2-CPU local Ray, shut down after the module (no stray processes)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """The session's real 2-CPU local Ray (tests/conftest.py), shared with the data engine's
+    tests so the suite starts Ray once."""
+    yield ray_session
 
 
 TRAIN_PREPARE = """
