@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pyarrow as pa
+from ray.data.expressions import col
 
 from data_engine import store as st
 from data_engine.config import MODEL_STAGES, CurateConfig
@@ -125,7 +126,7 @@ def run_backfill(
                 and f.name not in _CORE
             ]  # fmt: skip
             quarantine = []
-            for row in scored.filter(expr=f"{_ERRORS} != '[]'").take_all():
+            for row in scored.filter(expr=col(_ERRORS) != "[]").take_all():
                 for stage, kind, message in json.loads(row[_ERRORS]):
                     quarantine.append(
                         _quarantine_row(

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from ray.data.expressions import col
 
 from data_engine import store as st
 from data_engine.cheap_scores import clarity_score, motion_score
@@ -600,10 +601,10 @@ def run_curate(
         videos = videos.map(probe_and_split, fn_kwargs={"cfg": cfg}, **_task_args(cfg))
         videos = videos.materialize()
         video_rows = videos.take_all()
-        ok = videos.filter(expr="error_stage == ''")
+        ok = videos.filter(expr=col("error_stage") == "")
         clips = clip_dataset(ok, cfg, stages).map_batches(_drop_frames, batch_format="pyarrow")
         clips = clips.materialize()
-        errors = clips.filter(expr=f"{_ERRORS} != '[]'").take_all()
+        errors = clips.filter(expr=col(_ERRORS) != "[]").take_all()
 
         quarantine: list[dict[str, Any]] = []
         failed: dict[str, tuple[str, str, str]] = {}

@@ -135,7 +135,9 @@ def _first_frame(spec: ShapeSpec) -> np.ndarray:
     return cv2.resize(frame, (GEN_SIZE, GEN_SIZE), interpolation=cv2.INTER_AREA)
 
 
-def evaluate(root: Path, seeds_per_prompt: int = 4, steps: int = 25) -> dict[str, Any]:
+def evaluate(
+    root: Path, seeds_per_prompt: int = 4, steps: int = 25, figures: Path = Path("docs")
+) -> dict[str, Any]:
     """Generate from held-out prompts and measure (see module docstring)."""
     from training.generate import Generator, write_strip
     from training.shapes import measure_colour, measure_colour_kept, measure_direction
@@ -177,8 +179,8 @@ def evaluate(root: Path, seeds_per_prompt: int = 4, steps: int = 25) -> dict[str
         np.mean([measure_direction(v, c) == d for v, (c, d) in zip(videos, truth)])
     )
 
-    docs = Path("docs")
-    docs.mkdir(exist_ok=True)
+    docs = figures
+    docs.mkdir(parents=True, exist_ok=True)
     sample_rows = np.concatenate(
         [strips[best["cfg_scale"]][i] for i in range(0, len(prompts), seeds_per_prompt)], axis=1
     )
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--videos-per-combo", type=int, default=6)
     parser.add_argument("--seeds-per-prompt", type=int, default=4)
     parser.add_argument("--batch-size", type=int, help="per-rank batch for every stage")
+    parser.add_argument("--figures", default="docs", help="where the PNG strips go")
     parser.add_argument("--fresh", action="store_true", help="delete --root first")
     args = parser.parse_args(argv)
     root = Path(args.root).absolute()
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(root)
     data = build_data(root, args.videos_per_combo)
     minutes = train_stages(root, args.steps_scale, args.batch_size)
-    result = evaluate(root, seeds_per_prompt=args.seeds_per_prompt)
+    result = evaluate(root, seeds_per_prompt=args.seeds_per_prompt, figures=Path(args.figures))
     result["train_minutes"] = round(minutes, 2)
     result["data"] = {"videos": data["videos"], "clips": data["clips"]}
     print(json.dumps(result))

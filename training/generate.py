@@ -141,12 +141,7 @@ class Generator:
         )
         from training.encoders import tensor_to_frames
 
-        out = tensor_to_frames(self.latent.decode(latents.cpu()))
-        if given_pixels and hasattr(self.latent, "patch"):
-            # Pixel latents are exactly invertible: given frames come back bit-exact.
-            for index, pixels in given_pixels.items():
-                out[:, index] = pixels
-        return out
+        return tensor_to_frames(self.latent.decode(latents.cpu()))
 
 
 def _read_image(path: str, height: int, width: int) -> np.ndarray:
