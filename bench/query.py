@@ -1,25 +1,28 @@
 """`stiv query`'s engine (Lance via data_engine.store) vs DuckDB over the same rows in Parquet.
 
-Builds a 1M-row clips table with synthetic scores once (cached under bench_data/), then times,
-in one run and interleaved, a count and a two-column fetch under a 3-predicate filter that
-keeps about 0.3% of rows. Prints medians and ratios (ours / DuckDB; <= 1.0 meets the target).
+Builds a 1M-row clips table with synthetic scores once (cached under bench_data/), then times
+a count and a two-column fetch under a 3-predicate filter that keeps about 0.3% of rows. Each
+engine runs in its own worker process (so one engine's thread pool never slows the other's
+queries), in alternating rounds (so machine noise hits both alike); every query opens its
+table as a fresh CLI call would. Prints medians and ratios (ours / DuckDB; <= 1.0 meets the
+target).
 
-    .venv/bin/python bench/query.py [--rows 1000000] [--repeats 15]
+    .venv/bin/python bench/query.py [--rows 1000000] [--rounds 6] [--repeats 9]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from data_engine.store import CLIPS, Database
 
 FILTER = "aesthetic_score > 7.5 AND motion_score BETWEEN 2 AND 20 AND ocr_text_area < 0.02"
 COLUMNS = ["clip_id", "aesthetic_score"]
@@ -41,65 +44,86 @@ def synthetic_clips(num_rows: int, seed: int = 0) -> pa.Table:
     )
 
 
-def timed_pair(ours, theirs, repeats: int) -> tuple[float, float, object, object]:
-    """Medians of alternating runs, so machine noise hits both sides alike."""
-    times: dict[int, list[float]] = {0: [], 1: []}
-    results: list[object] = [None, None]
-    for _ in range(repeats):
-        for side, fn in enumerate((ours, theirs)):
+def worker(engine: str, root: Path, repeats: int) -> dict[str, list[float]]:
+    """Time `repeats` counts and fetches with one engine (after one warm-up each)."""
+    if engine == "stiv":
+        from data_engine.store import CLIPS, Database
+
+        db = Database(root / "db")
+        queries = {
+            "count": lambda: db.count(CLIPS, FILTER),
+            "fetch": lambda: db.query(CLIPS, FILTER, COLUMNS).num_rows,
+        }
+    else:
+        import duckdb
+
+        con = duckdb.connect()
+        con.sql("SET threads = 2")
+        src = f"read_parquet('{root / 'clips.parquet'}')"
+        queries = {
+            "count": lambda: con.sql(f"SELECT count(*) FROM {src} WHERE {FILTER}").fetchall()[0][0],
+            "fetch": lambda: (
+                con.sql(f"SELECT {', '.join(COLUMNS)} FROM {src} WHERE {FILTER}")
+                .to_arrow_table()
+                .num_rows
+            ),
+        }
+    out: dict[str, list[float]] = {}
+    for name, fn in queries.items():
+        rows = fn()
+        times = []
+        for _ in range(repeats):
             start = time.perf_counter()
-            results[side] = fn()
-            times[side].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1]), results[0], results[1]
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = times
+        out[f"{name}_rows"] = rows
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--dir", default="bench_data/query")
+    parser.add_argument("--worker", choices=("stiv", "duckdb"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     root = Path(args.dir) / f"rows{args.rows}-f32"
+    if args.worker:
+        print(json.dumps(worker(args.worker, root, args.repeats)))
+        return
+    from data_engine.store import CLIPS, Database
+
     db = Database(root / "db")
-    parquet = root / "clips.parquet"
-    if not db.has_table(CLIPS) or not parquet.exists():
+    if not db.has_table(CLIPS) or not (root / "clips.parquet").exists():
         table = synthetic_clips(args.rows)
         db.write(CLIPS, table, mode="overwrite")
         db.ensure_indexes(CLIPS)
-        pq.write_table(table, parquet)
-    con = duckdb.connect()
-    con.sql("SET threads = 2")
-    src = f"read_parquet('{parquet}')"
+        pq.write_table(table, root / "clips.parquet")
 
-    def ours_count():
-        return db.count(CLIPS, FILTER)
-
-    def duck_count():
-        return con.sql(f"SELECT count(*) FROM {src} WHERE {FILTER}").fetchall()[0][0]
-
-    def ours_fetch():
-        return db.query(CLIPS, FILTER, COLUMNS).num_rows
-
-    def duck_fetch():
-        return (
-            con.sql(f"SELECT {', '.join(COLUMNS)} FROM {src} WHERE {FILTER}")
-            .to_arrow_table()
-            .num_rows
-        )
-
-    for fn in (ours_count, duck_count, ours_fetch, duck_fetch):  # warm caches equally
-        fn()
-    results = {}
-    for name, ours, duck in (("count", ours_count, duck_count), ("fetch", ours_fetch, duck_fetch)):
-        t_ours, t_duck, n_ours, n_duck = timed_pair(ours, duck, args.repeats)
-        assert n_ours == n_duck, f"{name}: row counts differ ({n_ours} vs {n_duck})"
-        results[name] = (t_ours, t_duck, n_ours)
+    times: dict[str, dict[str, list[float]]] = {"stiv": {}, "duckdb": {}}
+    rows: dict[str, dict[str, int]] = {"stiv": {}, "duckdb": {}}
+    for _ in range(args.rounds):
+        for engine in ("stiv", "duckdb"):
+            cmd = [sys.executable, __file__, "--rows", str(args.rows), "--dir", args.dir,
+                   "--repeats", str(args.repeats), "--worker", engine]  # fmt: skip
+            result = json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            )
+            for name in ("count", "fetch"):
+                times[engine].setdefault(name, []).extend(result[name])
+                rows[engine][name] = result[f"{name}_rows"]
     print(f"rows: {args.rows:,}  filter: {FILTER}")
-    for name, (t_ours, t_duck, n) in results.items():
+    for name in ("count", "fetch"):
+        assert rows["stiv"][name] == rows["duckdb"][name], f"{name}: results differ"
+        ours = statistics.median(times["stiv"][name])
+        duck = statistics.median(times["duckdb"][name])
+        n = rows["stiv"][name]
         print(
-            f"{name:>5}: stiv {t_ours * 1e3:7.1f} ms  duckdb {t_duck * 1e3:7.1f} ms  "
-            f"ratio {t_ours / t_duck:.2f}x  ({n:,} rows, {100 * n / args.rows:.2f}%)"
+            f"{name:>5}: stiv {ours * 1e3:7.1f} ms  duckdb {duck * 1e3:7.1f} ms  "
+            f"ratio {ours / duck:.2f}x  ({n:,} rows, {100 * n / args.rows:.2f}%)"
         )
 
 
