@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/stiv snapshot create --db $(DEMO_DIR)/db --name moving-sharp --where "motion_score > 1 AND clarity_score > 20"
 	$(BIN)/stiv snapshot list --db $(DEMO_DIR)/db
 
-# The proof that the platform trains a model that learns (about an hour on 2 CPU cores):
+# The proof that the platform trains a model that learns (about 35-45 minutes on 2 CPU cores):
 # synthetic moving shapes -> curate -> snapshot -> prepare (pixel latents) -> T2I -> T2V ->
 # TI2V with Ray Train + DeepSpeed on the CPU -> generate from held-out prompts and measure.
 # The last line printed is one JSON object with the accuracies.

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import pyarrow as pa
-from ray.data.expressions import col
 
 from data_engine import store as st
 from data_engine.config import MODEL_STAGES, CurateConfig
@@ -87,13 +86,12 @@ def run_backfill(
     import ray
 
     from data_engine.pipeline import (
-        _ERRORS,
         _clips_schema,
         _connect,
         _drop_frames,
         _previous_state,
-        _quarantine_row,
         clip_dataset,
+        collect_errors,
         write_dsg_claims,
     )
 
@@ -125,20 +123,8 @@ def run_backfill(
                 and f.name not in ("video_id", "uri") and not f.name.startswith("_")
                 and f.name not in _CORE
             ]  # fmt: skip
-            quarantine = []
-            for row in scored.filter(expr=col(_ERRORS) != "[]").take_all():
-                for stage, kind, message in json.loads(row[_ERRORS]):
-                    quarantine.append(
-                        _quarantine_row(
-                            row["uri"],
-                            row["video_id"],
-                            row["clip_id"],
-                            stage,
-                            kind,
-                            message,
-                            attempts,
-                        )
-                    )
+            # In a backfill every error (decoding included) is a clip error: rows stay as they are.
+            quarantine, _ = collect_errors(scored, attempts, video_stages=())
             if quarantine:
                 from data_engine.pipeline import QUARANTINE_SCHEMA
 

@@ -477,6 +477,26 @@ def _quarantine_row(
     }
 
 
+def collect_errors(
+    clips, attempts: dict[str, int], video_stages: tuple[str, ...] = ("sample", "split", "probe")
+) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str, str]]]:
+    """Errors carried by scored clip rows -> (quarantine rows for clip-stage errors, first
+    failure per video for `video_stages`, whose videos are then not done)."""
+    quarantine: list[dict[str, Any]] = []
+    failed: dict[str, tuple[str, str, str]] = {}
+    for row in clips.filter(expr=col(_ERRORS) != "[]").take_all():
+        for stage, kind, message in json.loads(row[_ERRORS]):
+            if stage in video_stages:
+                failed.setdefault(row["video_id"], (stage, kind, message))
+                continue
+            quarantine.append(
+                _quarantine_row(
+                    row["uri"], row["video_id"], row["clip_id"], stage, kind, message, attempts
+                )
+            )
+    return quarantine, failed
+
+
 def _clips_schema(db: st.Database, cfg: CurateConfig, stages: list[str]) -> pa.Schema:
     """The clips table's schema after this run: what exists plus this run's new columns.
     New columns are added to an existing table first (null for old rows: schema evolution)."""
@@ -604,26 +624,7 @@ def run_curate(
         ok = videos.filter(expr=col("error_stage") == "")
         clips = clip_dataset(ok, cfg, stages).map_batches(_drop_frames, batch_format="pyarrow")
         clips = clips.materialize()
-        errors = clips.filter(expr=col(_ERRORS) != "[]").take_all()
-
-        quarantine: list[dict[str, Any]] = []
-        failed: dict[str, tuple[str, str, str]] = {}
-        for row in errors:
-            for stage, kind, message in json.loads(row[_ERRORS]):
-                if stage in ("sample", "split", "probe"):
-                    failed.setdefault(row["video_id"], (stage, kind, message))
-                else:
-                    quarantine.append(
-                        _quarantine_row(
-                            row["uri"],
-                            row["video_id"],
-                            row["clip_id"],
-                            stage,
-                            kind,
-                            message,
-                            attempts,
-                        )
-                    )
+        quarantine, failed = collect_errors(clips, attempts)
         summary.clip_errors += len(quarantine)
         kept = clips
         if failed:
