@@ -141,6 +141,8 @@ class ScalingSection:
     data_cpus: float = 1.0  # CPUs kept free for Ray Data's read/fetch tasks
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0 (replicated), 1, 2 (optimizer+grad partitions)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint (FailureConfig)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # how ranks are placed on nodes: STRICT_SPREAD puts one rank per node (Ray placement groups)
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -638,6 +640,7 @@ def run_train(
                 num_workers=scaling["num_workers"],
                 use_gpu=scaling["use_gpu"],
                 resources_per_worker=resources,
+                placement_strategy=cfg.scaling.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=run_dir.name,
