@@ -92,7 +92,9 @@ def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) ->
     assert submitter.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["status"] == "SUCCEEDED", (result["message"], result["logs"][-4000:])
-    summary = json.loads([ln for ln in result["logs"].splitlines() if ln.startswith('{"run_dir"')][-1])
+    summary = json.loads(
+        [ln for ln in result["logs"].splitlines() if ln.startswith('{"run_dir"')][-1]
+    )
     assert summary["num_workers"] == 2 and summary["steps"] == 4
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -100,3 +102,52 @@ def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) ->
     shards = sorted(p.name for p in (latest_checkpoint(run_dir) / "ds" / "state").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
+
+
+@pytest.mark.slow
+def test_training_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) -> None:
+    """A worker node dies mid-run (all its processes at once); a replacement node joins and
+    Ray Train's FailureConfig restarts the ranks from the latest checkpoint: the job finishes
+    every step, and each step is logged once."""
+    import time
+
+    db = _database(tmp_path)
+    text = make_tiny_text_encoder(tmp_path / "text", max_length=40)
+    prepare = subprocess.run(
+        [sys.executable, "-m", "stiv.cli", "prepare", "--db", str(db), "--snapshot", "shapes",
+         "--config", "pipelines/prepare-tiny-cpu.yaml", "--set", f"encoder.text_path={text}",
+         "--set", "encoder.text_max_length=40", "--address", cluster.address],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "t2v"
+    sets = [
+        f"db={db}", f"run_dir={run_dir}", "max_steps=60", "checkpoint_every=5", "log_every=1",
+        "init_from.mode=none", "init_from.run_dir=", "data.batch_size=2",
+        "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
+        "scaling.zero_stage=2", "scaling.data_cpus=1.0", "scaling.max_failures=3",
+    ]  # fmt: skip
+    submitter = cluster.submit(
+        "stiv train --config pipelines/train-t2v-tiny-cpu.yaml "
+        + " ".join(f"--set {s}" for s in sets)
+    )
+    metrics_file = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.2)
+    logged_at_kill = len(metrics_file.read_text().splitlines())
+    worker = cluster.nodes[-1]
+    cluster.kill(worker)
+    cluster.add_worker()  # the replacement machine
+    out, err = submitter.communicate(timeout=600)
+    assert submitter.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == "SUCCEEDED", (result["message"], result["logs"][-4000:])
+    steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    assert steps == list(range(1, 61)), steps
+    assert 12 <= logged_at_kill < 60, "the node must die mid-run"
+    assert "restart" in result["logs"].lower() or "fail" in result["logs"].lower(), result["logs"][
+        -3000:
+    ]
