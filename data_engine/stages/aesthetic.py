@@ -23,8 +23,7 @@ from data_engine.stages.base import StageError
 from data_engine.stages.clip_model import (
     ClipModelConfig,
     checkpoint_provenance,
-    encode_frame_stacks,
-    even_frame_indices,
+    encode_clips,
     load_clip_from_config,
     require_file,
 )
@@ -131,9 +130,8 @@ class AestheticScorer:
 
     @torch.inference_mode()
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
-        stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
-        embeddings = encode_frame_stacks(
-            self.model, self.preprocess, stacks, self.cfg.clip.batch_size
+        embeddings = encode_clips(
+            self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
         )
         rows: list[dict[str, Any]] = []
         for emb in embeddings:

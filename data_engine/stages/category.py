@@ -18,9 +18,8 @@ import pyarrow as pa
 from data_engine.frames import ClipFrames
 from data_engine.stages.clip_model import (
     ClipModelConfig,
-    encode_frame_stacks,
+    encode_clips,
     encode_texts,
-    even_frame_indices,
     load_clip_from_config,
     logit_scale_of,
     normalize_rows,
@@ -106,9 +105,8 @@ class CategoryScorer:
         return self._provenance
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
-        stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
-        embeddings = encode_frame_stacks(
-            self.model, self.preprocess, stacks, self.cfg.clip.batch_size
+        embeddings = encode_clips(
+            self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
         )
         rows: list[dict[str, Any]] = []
         for emb in embeddings:

@@ -337,3 +337,16 @@ def normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 def logit_scale_of(model: torch.nn.Module) -> float:
     """CLIP's learned softmax temperature (exp of the stored log value), as a float."""
     return float(model.logit_scale.exp().item())
+
+
+def encode_clips(
+    model: torch.nn.Module,
+    preprocess: FramePreprocessor,
+    clips: list[Any],
+    num_frames: int,
+    batch_size: int,
+) -> list[np.ndarray]:
+    """One (K, D) array of L2-normalised frame embeddings per clip, from `num_frames` of its
+    shared sampled frames (evenly spread; 0 = all). A clip without frames gives (0, D)."""
+    stacks = [c.frames[even_frame_indices(len(c.frames), num_frames)] for c in clips]
+    return encode_frame_stacks(model, preprocess, stacks, batch_size)

@@ -17,8 +17,7 @@ import pyarrow as pa
 from data_engine.frames import ClipFrames
 from data_engine.stages.clip_model import (
     ClipModelConfig,
-    encode_frame_stacks,
-    even_frame_indices,
+    encode_clips,
     load_clip_from_config,
     normalize_rows,
 )
@@ -108,9 +107,8 @@ class EmbeddingScorer:
         return self._provenance
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
-        stacks = [c.frames[even_frame_indices(len(c.frames), self.cfg.num_frames)] for c in clips]
-        embeddings = encode_frame_stacks(
-            self.model, self.preprocess, stacks, self.cfg.clip.batch_size
+        embeddings = encode_clips(
+            self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
         )
         rows: list[dict[str, Any]] = []
         for emb in embeddings:
