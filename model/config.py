@@ -62,6 +62,11 @@ class STIVConfig:
     predict_clean: bool = False  # network predicts x1, converted to velocity (LESSONS.md)
     grad_checkpointing: bool = False  # keep only self-attention outputs (STIV sec. 2.2)
     temporal_attention: bool = True  # False: no temporal parameters at all (pure T2I model)
+    # Initial value of the per-channel temporal gates. The recipe's 0.0 makes a fresh temporal
+    # branch a no-op (T2V starts as its T2I parent). Tiny CPU runs use 1.0: with a zero gate the
+    # branch gets no gradient until the gate grows, and in a few thousand steps it never did
+    # (LESSONS.md, "Measured here"; README train-demo section).
+    temporal_gate_init: float = 0.0
     rope_base_grid: tuple[int, int] = (16, 16)  # tokens: 256 px / 8 (VAE) / 2 (patch)
     rope_base_frames: int = 10  # temporal tokens: 20 latent frames / 2
     rope_theta: float = 10000.0
@@ -125,6 +130,10 @@ class STIVConfig:
             errors.append(f"rope_base_grid must be two positive ints, got {self.rope_base_grid}")
         if not (self.rope_theta > 0):
             errors.append("rope_theta must be > 0")
+        if not isinstance(self.temporal_gate_init, (int, float)) or isinstance(
+            self.temporal_gate_init, bool
+        ):
+            errors.append(f"temporal_gate_init must be a number, got {self.temporal_gate_init!r}")
         if not (0 < self.clean_pred_min_denominator <= 1):
             errors.append("clean_pred_min_denominator must be in (0, 1]")
         for n in ("predict_clean", "grad_checkpointing", "temporal_attention", "qk_norm"):

@@ -99,10 +99,10 @@ def _merge_spatial(
     return new_sd, report
 
 
-def _zero_gates(sd: dict[str, torch.Tensor]) -> None:
+def _set_gates(sd: dict[str, torch.Tensor], value: float = 0.0) -> None:
     for k in sd:
         if is_temporal_key(k) and k.endswith("temporal.gate"):
-            sd[k] = torch.zeros_like(sd[k])
+            sd[k] = torch.full_like(sd[k], float(value))
 
 
 def _finish(target, new_sd: dict[str, torch.Tensor], report: dict) -> dict:
@@ -119,12 +119,16 @@ def _finish(target, new_sd: dict[str, torch.Tensor], report: dict) -> dict:
 def init_video_from_image(
     video: nn.Module | Mapping[str, torch.Tensor],
     image: nn.Module | Mapping[str, torch.Tensor],
+    gate_value: float | None = None,
 ) -> dict:
     """T2I -> T2V: load all but temporal attention from `image`, inflating the patch embedding
-    and the output head; temporal gates start at exactly zero."""
+    and the output head; temporal gates start at `gate_value` (default: the video model's
+    `temporal_gate_init`, else exactly zero)."""
+    if gate_value is None:
+        gate_value = float(getattr(getattr(video, "cfg", None), "temporal_gate_init", 0.0))
     target = _clean(video)
     new_sd, report = _merge_spatial(target, _clean(image))
-    _zero_gates(new_sd)
+    _set_gates(new_sd, gate_value)
     return _finish(video, new_sd, report)
 
 

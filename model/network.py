@@ -262,7 +262,8 @@ class STIV(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """DiT / PixArt initialisation: xavier linears, N(0, 0.02) for the condition MLPs and the
-        shared AdaLN, zero final projection, zero temporal gates (temporal branch starts off)."""
+        shared AdaLN, zero final projection, temporal gates at `temporal_gate_init` (0: the
+        temporal branch starts off)."""
 
         def basic(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -285,7 +286,7 @@ class STIV(nn.Module):
         for blk in self.blocks:
             blk.scale_shift_table.normal_(std=self.cfg.hidden_size**-0.5)
             if blk.has_temporal:
-                nn.init.zeros_(blk.temporal.gate)
+                nn.init.constant_(blk.temporal.gate, float(self.cfg.temporal_gate_init))
             for m in blk.modules():
                 if isinstance(m, RMSNorm):
                     nn.init.ones_(m.weight)

@@ -16,7 +16,9 @@ loaded back through the same `from_pretrained` path, so tests exercise the produ
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -251,13 +253,35 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def make_tiny_text_encoder(
-    directory: str | Path, hidden_size: int = 32, max_length: int = 48, seed: int = 0
-) -> Path:
-    """Save a randomly initialised 2-layer CLIP text model with a byte-level tokenizer.
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merging as CLIP's tokenizer does it: merge the best-ranked adjacent pair until
+    none is in `ranks`."""
+    while len(pieces) > 1:
+        pairs = [
+            (ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(pieces))
+        ]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
 
-    The tokenizer is built offline: its vocabulary is the 256 byte symbols, each also with the
-    end-of-word marker, plus the two special tokens, and no merges (so words split into bytes).
+
+def make_tiny_text_encoder(
+    directory: str | Path,
+    hidden_size: int = 32,
+    max_length: int = 48,
+    seed: int = 0,
+    words: Iterable[str] = (),
+) -> Path:
+    """Save a randomly initialised 2-layer CLIP text model with an offline BPE tokenizer.
+
+    The vocabulary is the 256 byte symbols, each also with the end-of-word marker, plus the two
+    special tokens. Without `words` there are no merges, so every word splits into bytes. Each
+    of `words` gets the chain of merges that makes it one token, as a real CLIP tokenizer does for
+    common words: with bytes only, a word's identity is spread over a variable run of character
+    tokens ("left" and "right" both end in "t</w>"), which a random 2-layer encoder hardly
+    separates; the train-demo's direction words were lost that way.
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -265,14 +289,31 @@ def make_tiny_text_encoder(
     directory.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    # Merges are appended per word, each at a lower priority than all before it, so the words
+    # already made single tokens keep their segmentation (BPE applies the best-ranked pair first).
+    merges: dict[tuple[str, str], int] = {}
+    byte_symbol = _bytes_to_unicode()
+    for word in dict.fromkeys(w.lower() for w in words):
+        pieces = [byte_symbol[b] for b in word.encode("utf-8")]
+        pieces[-1] += "</w>"
+        pieces = _bpe(pieces, merges)
+        while len(pieces) > 1:
+            merges[(pieces[0], pieces[1])] = len(merges)
+            vocab_list.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
     vocab = {token: i for i, token in enumerate(vocab_list)}
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n")
     tokenizer = CLIPTokenizer(
         vocab=str(directory / "vocab.json"),
         merges=str(directory / "merges.txt"),
         model_max_length=max_length,
     )
+    for word in words:
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) != 1:
+            raise ValueError(f"tiny tokenizer: {word!r} does not become one token: {pieces}")
     tokenizer.save_pretrained(str(directory))
     torch.manual_seed(seed)
     config = CLIPTextConfig(

@@ -32,6 +32,8 @@ DIRECTIONS: dict[str, tuple[int, int]] = {  # (dx, dy) in image axes (y points d
     "up": (0, -1),
     "down": (0, 1),
 }
+# Every word a caption uses (the tiny text encoder makes each one token, like CLIP's BPE).
+CAPTION_WORDS = ("a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
 TRAVEL = 0.5  # the shape travels half the frame over the clip (the issue asks >= a quarter)
 MIN_TRAVEL = 0.125  # measured travel below this fraction of the frame is "no motion"
 COLOUR_MATCH = 60.0  # max RGB distance for a pixel to count as a prototype colour

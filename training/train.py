@@ -161,6 +161,10 @@ class TrainConfig:
     latents_table: str = "latents"  # written by `stiv prepare`
     run_dir: str = ""  # where checkpoints, metrics and the resolved config go
     max_steps: int = 1000  # optimizer steps in total (resume continues up to this)
+    # Wall-clock budget of this run's step loop in minutes (0 = none): at the first metric line
+    # past it every rank stops together and the step is checkpointed, so a CPU demo keeps to a
+    # time limit whatever the machine's load. A resume goes on towards max_steps.
+    max_minutes: float = 0.0
     seed: int = 0  # data order, noise, dropout
     init_from: InitFromSection = field(default_factory=InitFromSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -187,6 +191,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay: must be in [0, 1)")
+        if self.max_minutes < 0:
+            raise ValueError("max_minutes: must be >= 0 (0 = no time limit)")
 
 
 # --------------------------------------------------------------------------- driver helpers
@@ -483,7 +489,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             )
 
     engine.train()
-    last = time.perf_counter()
+    last = loop_start = time.perf_counter()
     optim_bytes = None
     # Since the last metric line, on this rank: samples, tokens and training FLOPs.
     interval = {"samples": 0.0, "tokens": 0.0, "flops": 0.0}
@@ -539,8 +545,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             model_cfg, latent_shape, batch["text_tokens"].shape[1]
         )
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            # Rank 0's clock decides the time budget, so every rank stops at the same step.
+            out_of_time = (
+                rank == 0
+                and cfg.max_minutes > 0
+                and time.perf_counter() - loop_start > cfg.max_minutes * 60
+            )
             stats = torch.tensor(
-                [loss.item(), interval["samples"], interval["tokens"], interval["flops"]],
+                [
+                    loss.item(),
+                    interval["samples"],
+                    interval["tokens"],
+                    interval["flops"],
+                    float(out_of_time),
+                ],
                 dtype=torch.float64,
             )
             dist.all_reduce(stats)  # sums over ranks
@@ -566,6 +584,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 for key, value in logged.items():
                     if key != "step" and value is not None:
                         writer.add_scalar(f"train/{key}", value, step)
+            if stats[4].item() > 0:
+                if rank == 0:
+                    print(f"max_minutes ({cfg.max_minutes}) reached: stopping at step {step}")
+                save_checkpoint(step, {"step": step, "loss": loss.item()})
+                break
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(step, {"step": step, "loss": loss.item()})
     if writer is not None:

@@ -117,3 +117,20 @@ def test_inherit_rope_base():
         child.rope_base_grid == parent.rope_base_grid
         and child.rope_base_frames == parent.rope_base_frames
     )
+
+
+def test_temporal_gate_init_option_opens_the_branch_from_step_one():
+    """`temporal_gate_init` (tiny CPU runs): fresh and T2I-inflated video models start with the
+    configured gate, so the temporal attention weights get a gradient at the first step."""
+    fresh = STIV(get_preset("stiv-tiny", temporal_gate_init=1.0))
+    assert all(torch.equal(b.temporal.gate, torch.ones_like(b.temporal.gate)) for b in fresh.blocks)
+    image_model = randomised(get_preset("stiv-tiny", temporal_patch_size=1,
+                                        temporal_attention=False), 0)  # fmt: skip
+    video_model = randomised(get_preset("stiv-tiny", temporal_gate_init=0.5), 1)
+    init_video_from_image(video_model, image_model)
+    assert all(torch.all(b.temporal.gate == 0.5) for b in video_model.blocks)
+    _, t, c = inputs()
+    video_model.train()(torch.randn(2, 4, 4, 8, 8), t, *c).square().mean().backward()
+    assert video_model.blocks[0].temporal.attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temporal_gate_init"):
+        get_preset("stiv-tiny", temporal_gate_init="open")

@@ -184,3 +184,24 @@ def test_micro_cond_names_match_model():
     from model.config import MICRO_COND_NAMES as MODEL_NAMES
 
     assert MODEL_NAMES == MICRO_COND_NAMES
+
+
+def test_tiny_text_encoder_words_become_single_tokens(tmp_path):
+    """The tiny tokenizer's merges make each listed word one token (as real CLIP BPE does for
+    common words), other words still split into bytes, and prompts that differ only in such a
+    word differ in that token's embedding."""
+    from transformers import CLIPTokenizer
+
+    from training.encoders import TextEncoder, make_tiny_text_encoder
+    from training.shapes import CAPTION_WORDS
+
+    path = make_tiny_text_encoder(tmp_path / "text", max_length=16, words=CAPTION_WORDS)
+    tokenizer = CLIPTokenizer.from_pretrained(str(path))
+    assert tokenizer.tokenize("a yellow triangle moving left") == [
+        "a</w>", "yellow</w>", "triangle</w>", "moving</w>", "left</w>"]  # fmt: skip
+    assert tokenizer.tokenize("a cat") == ["a</w>", "c", "a", "t</w>"]
+    encoded = TextEncoder(path, max_length=16).encode(
+        ["a green square moving up", "a green square moving down"]
+    )
+    diff = (encoded.tokens[0] - encoded.tokens[1]).abs().amax(-1)
+    assert torch.all(diff[:5] == 0) and diff[5] > 0  # BOS a green square moving | up/down

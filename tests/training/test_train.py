@@ -78,6 +78,12 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db, ray_clus
         [f"run_dir={interrupted}", "max_steps=4", "debug_kill_rank=1", "debug_kill_at_step=2"],
     )
     resumed = run_train(config, [f"run_dir={interrupted}"], resume=True)
+    # A wall-clock budget already spent at the first metric line: every rank stops at step 1
+    # and that step is checkpointed (the CPU train-demo keeps to its time limit this way).
+    timed = run_train(config, [f"run_dir={tmp_path / 'runs' / 'timed'}", "max_minutes=1e-6"])
+    assert timed["steps"] == 1 and [
+        s for s, _ in list_checkpoints(tmp_path / "runs" / "timed")
+    ] == [1]
 
     assert (
         summary["steps"] == 6 and summary["num_workers"] == 2 and summary["cpus_per_worker"] == 0.5
@@ -365,3 +371,5 @@ def test_every_pipeline_yaml_loads_and_validates():
         load_config(TrainConfig, PIPELINES / "train-t2v-tiny-cpu.yaml", ["scaling.zero_stage=3"])
     with pytest.raises(ConfigError, match="init_from"):
         load_config(TrainConfig, PIPELINES / "train-t2v-tiny-cpu.yaml", ["init_from.run_dir="])
+    with pytest.raises(ConfigError, match="max_minutes"):
+        load_config(TrainConfig, PIPELINES / "train-t2v-tiny-cpu.yaml", ["max_minutes=-1"])
