@@ -23,7 +23,7 @@ def demo_run(tmp_path_factory, ray_session) -> tuple[Path, dict]:
     """The train-demo with a few steps per stage (the full one is `make train-demo`)."""
     root = tmp_path_factory.mktemp("train_demo")
     result = train_demo(
-        ["--root", str(root), "--steps-scale", "0.004", "--videos-per-combo", "1",
+        ["--root", str(root), "--steps-scale", "0.001", "--videos-per-combo", "1",
          "--seeds-per-prompt", "1", "--batch-size", "4", "--figures", str(root / "figures")]
     )  # fmt: skip
     return root, result
