@@ -293,7 +293,8 @@ def make_tiny_text_encoder(
     # already made single tokens keep their segmentation (BPE applies the best-ranked pair first).
     merges: dict[tuple[str, str], int] = {}
     byte_symbol = _bytes_to_unicode()
-    for word in dict.fromkeys(w.lower() for w in words):
+    words = list(dict.fromkeys(w.lower() for w in words))  # once: `words` may be an iterator
+    for word in words:
         pieces = [byte_symbol[b] for b in word.encode("utf-8")]
         pieces[-1] += "</w>"
         pieces = _bpe(pieces, merges)

@@ -61,11 +61,8 @@ def _database(root: Path) -> Path:
     return root / "db"
 
 
-@pytest.mark.slow
-def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) -> None:
-    """Prepare runs through the cluster's Ray Data; training runs as a Ray job with two ranks on
-    two nodes and leaves per-rank ZeRO-2 optimizer shards, metrics for every step and an EMA
-    checkpoint that generation can load."""
+def _prepare_on_cluster(cluster: LocalCluster, tmp_path: Path) -> tuple[Path, dict]:
+    """`stiv prepare` through the cluster's Ray Data: the database and prepare's summary."""
     db = _database(tmp_path)
     text = make_tiny_text_encoder(tmp_path / "text", max_length=40)
     prepare = subprocess.run(
@@ -75,7 +72,16 @@ def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) ->
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert prepare.returncode == 0, prepare.stderr[-3000:]
-    assert json.loads(prepare.stdout.strip().splitlines()[-1])["written"] == 8
+    return db, json.loads(prepare.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Prepare runs through the cluster's Ray Data; training runs as a Ray job with two ranks on
+    two nodes and leaves per-rank ZeRO-2 optimizer shards, metrics for every step and an EMA
+    checkpoint that generation can load."""
+    db, prepared = _prepare_on_cluster(cluster, tmp_path)
+    assert prepared["written"] == 8
 
     run_dir = tmp_path / "runs" / "t2v"
     sets = [
@@ -111,15 +117,7 @@ def test_training_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) 
     every step, and each step is logged once."""
     import time
 
-    db = _database(tmp_path)
-    text = make_tiny_text_encoder(tmp_path / "text", max_length=40)
-    prepare = subprocess.run(
-        [sys.executable, "-m", "stiv.cli", "prepare", "--db", str(db), "--snapshot", "shapes",
-         "--config", "pipelines/prepare-tiny-cpu.yaml", "--set", f"encoder.text_path={text}",
-         "--set", "encoder.text_max_length=40", "--address", cluster.address],
-        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert prepare.returncode == 0, prepare.stderr[-3000:]
+    db, _ = _prepare_on_cluster(cluster, tmp_path)
     run_dir = tmp_path / "runs" / "t2v"
     sets = [
         f"db={db}", f"run_dir={run_dir}", "max_steps=60", "checkpoint_every=5", "log_every=1",
