@@ -7,10 +7,10 @@ here from *pre-batched rows*:
   remainder, and interleaves the batches of all buckets in a seeded order. Step s of the epoch
   gives rank r the slice [r*B, (r+1)*B) of global batch s: every batch holds one shape (tensors
   stack) and every rank takes exactly the same number of steps (ZeRO collectives cannot hang).
-- `rank_feed` turns the rank's remaining steps into a Ray Dataset of one item per step; a Ray
-  Data map task reads that step's rows from the Lance table at the pinned version (`take`) and
-  decodes them into stacked arrays, prefetched while the model computes. Resuming at step s is
-  exact: the plan is recomputed and the feed starts at s.
+- `rank_feed` turns the rank's remaining steps into a Ray Dataset of one item per few steps; a
+  Ray Data flat_map actor reads those steps' rows from the Lance table at the pinned version
+  (`take`) and decodes them into stacked arrays, prefetched while the model computes. Resuming
+  at step s is exact: the plan is recomputed and the feed starts at s.
 """
 
 from __future__ import annotations
@@ -102,28 +102,68 @@ def decode_rows(table, storage_dtype: str) -> dict[str, np.ndarray]:
     }
 
 
-class FetchStep:
-    """Ray Data map: a step item (row offsets) -> that step's stacked batch, read with Lance
-    `take` at the pinned version. The dataset handle opens once per actor/task process."""
+def fetch_steps(
+    item: dict[str, Any], uri: str, version: int, storage_dtype: str, storage_options=None
+) -> list[dict[str, Any]]:
+    """Ray Data flat_map: a chunk of steps (each with its row offsets) -> one row per step
+    holding that step's stacked batch. The chunk's rows are read with one Lance `take` at the
+    pinned version."""
+    import lance
 
-    def __init__(self, uri: str, version: int, storage_dtype: str, storage_options=None) -> None:
-        self.uri, self.version, self.storage_dtype = uri, version, storage_dtype
-        self.storage_options = storage_options
-        self._ds = None
+    ds = lance.dataset(uri, version=version, storage_options=storage_options)
+    rows = [np.asarray(r, dtype=np.int64) for r in item["rows"]]
+    table = ds.take(np.concatenate(rows), columns=BATCH_COLUMNS)
+    out, start = [], 0
+    for step, step_rows in zip(item["steps"], rows):
+        out.append({"step": step, **decode_rows(table.slice(start, len(step_rows)), storage_dtype)})
+        start += len(step_rows)
+    return out
 
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        import lance
 
-        if self._ds is None:
-            self._ds = lance.dataset(
-                self.uri, version=self.version, storage_options=self.storage_options
-            )
-        rows = self._ds.take(np.asarray(item["rows"], dtype=np.int64), columns=BATCH_COLUMNS)
-        # One element per step: the whole batch, already stacked.
-        return {
-            "step": item["step"],
-            **{k: v for k, v in decode_rows(rows, self.storage_dtype).items()},
+def _read_window(
+    index: TableIndex,
+    items: list[dict[str, Any]],
+    steps_per_fetch: int,
+    num_cpus: float,
+    storage_options,
+):
+    """One window of steps as a materialized Ray Dataset: a read task per `steps_per_fetch`
+    steps, blocks in step order."""
+    import ray
+
+    chunks = [
+        {
+            "steps": [it["step"] for it in items[i : i + steps_per_fetch]],
+            "rows": [it["rows"] for it in items[i : i + steps_per_fetch]],
         }
+        for i in range(0, len(items), steps_per_fetch)
+    ]
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    ds = ds.flat_map(
+        fetch_steps,
+        fn_kwargs={
+            "uri": index.uri,
+            "version": index.version,
+            "storage_dtype": index.storage_dtype,
+            "storage_options": storage_options,
+        },
+        num_cpus=num_cpus,
+    )
+    return ds.materialize()
+
+
+def _window_batches(window) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    import ray
+    from ray.data.block import BlockAccessor
+
+    for bundle in window.iter_internal_ref_bundles():
+        for block_ref in bundle.block_refs:
+            block = BlockAccessor.for_block(ray.get(block_ref)).to_batch_format("numpy")
+            for i, step in enumerate(block["step"]):
+                yield (
+                    int(step),
+                    {k: torch.from_numpy(np.array(v[i])) for k, v in block.items() if k != "step"},
+                )
 
 
 def rank_feed(
@@ -137,12 +177,21 @@ def rank_feed(
     prefetch: int = 4,
     num_cpus: float = 0.25,
     storage_options=None,
-    steps_per_dataset: int = 10_000,
+    steps_per_fetch: int = 16,
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield (global step, batch tensors) for this rank from `start_step` to `max_steps`.
 
-    Epochs follow one another (a new plan per epoch). Batches come through Ray Data, in order,
-    prefetched `prefetch` steps ahead."""
+    Epochs follow one another (a new plan per epoch). Steps are read in windows of `prefetch`
+    steps, each a Ray Dataset (`steps_per_fetch` steps per read task) materialized in the
+    background while the model trains on the previous window.
+
+    Why windows and not one streaming `iter_batches`: Ray Data's streaming executor runs in
+    the training process, and while its output is backpressured (reads faster than the model,
+    the normal case) its scheduling loop spins, holding the GIL and most of a core. On the
+    2-core machine that slowed a tiny model's steps several-fold (bench/train_input.py). A
+    materialized window's executor stops as soon as its reads are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
 
     per_epoch = steps_per_epoch(index.buckets, batch_sizes, world_size)
@@ -170,27 +219,18 @@ def rank_feed(
     ctx.execution_options.preserve_order = True  # steps must arrive in plan order
     ctx.enable_progress_bars = False  # one bar per rank only clutters the training log
     pending = step_items()
-    while True:
-        # A bounded number of steps per Ray Dataset keeps the item list small at paper scale
-        # (400k steps) while small tables do not restart the fetch actor every epoch.
-        items = list(itertools.islice(pending, steps_per_dataset))
-        if not items:
-            return
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-        ds = ds.map(
-            FetchStep,
-            fn_constructor_kwargs={
-                "uri": index.uri,
-                "version": index.version,
-                "storage_dtype": index.storage_dtype,
-                "storage_options": storage_options,
-            },
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=num_cpus,
-        )
-        # One Ray Data "batch" = one training step (the rows were pre-batched above).
-        for item in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=prefetch):
-            yield (
-                int(item["step"][0]),
-                {k: torch.from_numpy(np.array(v[0])) for k, v in item.items() if k != "step"},
-            )
+    per_fetch = max(1, min(steps_per_fetch, prefetch))
+
+    def next_window():
+        items = list(itertools.islice(pending, prefetch))
+        return _read_window(index, items, per_fetch, num_cpus, storage_options) if items else None
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rank-feed") as reader:
+        future = reader.submit(next_window)
+        while True:
+            window = future.result()
+            if window is None:
+                return
+            future = reader.submit(next_window)  # read ahead while this window trains
+            yield from _window_batches(window)
+            del window  # its blocks leave the object store

@@ -16,6 +16,7 @@ GPUs, so the fp32 master weights are the parameters themselves and are what chec
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -120,7 +121,8 @@ class DataSection:
 
     batch_size: int = 8  # samples per rank per step, for every bucket not listed below
     bucket_batch_size: dict[str, int] = field(default_factory=dict)  # bucket key -> per-rank batch
-    prefetch_steps: int = 4  # batches Ray Data prepares ahead of the model
+    prefetch_steps: int = 4  # batches Ray Data prepares ahead of the model (whole fetches)
+    steps_per_fetch: int = 16  # steps read by one Ray Data read (one block; see training.data)
     fetch_num_cpus: float = 0.25  # CPUs reserved by each batch-fetching task
     table_version: int = 0  # latents table version to read (0 = latest at the first start)
 
@@ -129,6 +131,8 @@ class DataSection:
             raise ValueError("data.batch_size: must be >= 1")
         if self.prefetch_steps < 1 or self.fetch_num_cpus <= 0:
             raise ValueError("data.prefetch_steps/fetch_num_cpus: must be >= 1 / > 0")
+        if self.steps_per_fetch < 1:
+            raise ValueError("data.steps_per_fetch: must be >= 1")
 
 
 @dataclass
@@ -380,7 +384,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = loop_config["use_gpu"]
-    torch.set_num_threads(max(1, int(loop_config["cpus_per_worker"])))
+    # A rank granted 1.5 CPUs uses 2 threads (ceil): its fractional share is real CPU time.
+    torch.set_num_threads(max(1, math.ceil(loop_config["cpus_per_worker"] - 1e-6)))
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
     if use_gpu:
         torch.cuda.set_device(device)
@@ -504,6 +509,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         prefetch=cfg.data.prefetch_steps,
         num_cpus=cfg.data.fetch_num_cpus,
         storage_options=loop_config["storage_options"],
+        steps_per_fetch=cfg.data.steps_per_fetch,
     ):
         if rank == cfg.debug_kill_rank and step_index == cfg.debug_kill_at_step:
             marker = run_dir / f".killed_rank{rank}_step{step_index}"
@@ -630,6 +636,8 @@ def run_train(
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)
+    if cfg.init_from.run_dir:  # workers run in their own directories: resolve here
+        cfg.init_from.run_dir = str(Path(cfg.init_from.run_dir).absolute())
     meta = read_latents_meta(cfg.db, cfg.latents_table)
     model_cfg = resolve_model_config(cfg, meta)
     checkpoints = list_checkpoints(run_dir)

@@ -88,7 +88,7 @@ def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) ->
         f"db={db}", f"run_dir={run_dir}", "max_steps=4", "checkpoint_every=2",
         "init_from.mode=none", "init_from.run_dir=", "data.batch_size=2", "log_every=1",
         "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
-        "scaling.zero_stage=2", "scaling.data_cpus=1.0",
+        "scaling.zero_stage=2", "scaling.data_cpus=1.0", "scaling.cpus_per_worker=0",
     ]  # fmt: skip
     entrypoint = "stiv train --config pipelines/train-t2v-tiny-cpu.yaml " + " ".join(
         f"--set {s}" for s in sets
@@ -123,7 +123,7 @@ def test_training_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) 
         f"db={db}", f"run_dir={run_dir}", "max_steps=60", "checkpoint_every=5", "log_every=1",
         "init_from.mode=none", "init_from.run_dir=", "data.batch_size=2",
         "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
-        "scaling.zero_stage=2", "scaling.data_cpus=1.0", "scaling.max_failures=3",
+        "scaling.zero_stage=2", "scaling.data_cpus=1.0", "scaling.cpus_per_worker=0", "scaling.max_failures=3",
     ]  # fmt: skip
     submitter = cluster.submit(
         "stiv train --config pipelines/train-t2v-tiny-cpu.yaml "

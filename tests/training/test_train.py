@@ -237,15 +237,17 @@ def test_plan_one_bucket_per_batch_equal_steps():
 
 def test_rank_feed_reads_planned_batches_across_datasets_and_epochs(train_db, ray_cluster):
     """The Ray Data feed delivers, in step order, exactly the rows the plan gives each rank,
-    stacked in one bucket's shape, across dataset chunks and epoch boundaries, and a feed
-    started mid-way (resume) continues with identical batches."""
+    stacked in one bucket's shape, across read windows, read tasks and epoch boundaries, and a
+    feed started mid-way (resume) continues with identical batches."""
     from data_engine.store import Database
     from training.data import index_table, rank_feed
 
     db = Database(train_db)
     index = index_table(db.uri_for("latents"), None, "float32")
     sizes = {k: 2 for k in index.buckets}  # 2 buckets x 8 rows, world 2 -> 4 steps per epoch
-    feeds = [list(rank_feed(index, sizes, 2, r, 7, 0, 6, steps_per_dataset=5)) for r in (0, 1)]
+    feeds = [
+        list(rank_feed(index, sizes, 2, r, 7, 0, 6, prefetch=5, steps_per_fetch=2)) for r in (0, 1)
+    ]
     for rank, feed in enumerate(feeds):
         assert [step for step, _ in feed] == list(range(6))
         for step, batch in feed:
