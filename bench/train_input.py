@@ -124,7 +124,9 @@ def main() -> None:
         memory_times, table_times = [], []
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            feed = rank_feed(index, batch_sizes, 1, 0, 0, 0, total, prefetch=4, num_cpus=0.5)
+            feed = rank_feed(
+                index, batch_sizes, 1, 0, 0, 0, total, prefetch=32, num_cpus=0.5, steps_per_fetch=8
+            )
             try:
                 for _ in range(total):
                     start = time.perf_counter()

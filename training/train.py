@@ -121,8 +121,8 @@ class DataSection:
 
     batch_size: int = 8  # samples per rank per step, for every bucket not listed below
     bucket_batch_size: dict[str, int] = field(default_factory=dict)  # bucket key -> per-rank batch
-    prefetch_steps: int = 4  # batches Ray Data prepares ahead of the model (whole fetches)
-    steps_per_fetch: int = 16  # steps read by one Ray Data read (one block; see training.data)
+    prefetch_steps: int = 16  # steps per read window; the next window is read while one trains
+    steps_per_fetch: int = 4  # steps read by one Ray Data read task (training.data.rank_feed)
     fetch_num_cpus: float = 0.25  # CPUs reserved by each batch-fetching task
     table_version: int = 0  # latents table version to read (0 = latest at the first start)
 
