@@ -119,16 +119,14 @@ def _finish(target, new_sd: dict[str, torch.Tensor], report: dict) -> dict:
 def init_video_from_image(
     video: nn.Module | Mapping[str, torch.Tensor],
     image: nn.Module | Mapping[str, torch.Tensor],
-    gate_value: float | None = None,
 ) -> dict:
     """T2I -> T2V: load all but temporal attention from `image`, inflating the patch embedding
-    and the output head; temporal gates start at `gate_value` (default: the video model's
-    `temporal_gate_init`, else exactly zero)."""
-    if gate_value is None:
-        gate_value = float(getattr(getattr(video, "cfg", None), "temporal_gate_init", 0.0))
+    and the output head; temporal gates start at the video model's `temporal_gate_init` (a bare
+    state dict: exactly zero)."""
     target = _clean(video)
     new_sd, report = _merge_spatial(target, _clean(image))
-    _set_gates(new_sd, gate_value)
+    cfg = getattr(video, "cfg", None)
+    _set_gates(new_sd, cfg.temporal_gate_init if cfg is not None else 0.0)
     return _finish(video, new_sd, report)
 
 
