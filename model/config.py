@@ -75,6 +75,9 @@ class STIVConfig:
     timestep_scale: float = 1000.0  # t in [0,1] is scaled before the sinusoidal embedding
     norm_eps: float = 1e-6
     clean_pred_min_denominator: float = 0.05  # v = (x_hat - x_t) / max(1 - t, this)
+    # SD3 time shift (model.flow.shift_time) the model trains with and samples with by default:
+    # > 1 spends more of both at high noise, where a video's layout and motion are decided.
+    timestep_shift: float = 1.0
     name: str = ""
 
     # ------------------------------------------------------------------ validation
@@ -134,6 +137,8 @@ class STIVConfig:
             self.temporal_gate_init, bool
         ):
             errors.append(f"temporal_gate_init must be a number, got {self.temporal_gate_init!r}")
+        if not (isinstance(self.timestep_shift, (int, float)) and self.timestep_shift > 0):
+            errors.append(f"timestep_shift must be a number > 0, got {self.timestep_shift!r}")
         if not (0 < self.clean_pred_min_denominator <= 1):
             errors.append("clean_pred_min_denominator must be in (0, 1]")
         for n in ("predict_clean", "grad_checkpointing", "temporal_attention", "qk_norm"):

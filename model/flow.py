@@ -25,17 +25,32 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------- timesteps
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift, in our convention (t = 0 noise): the noise level s = 1 - t becomes
+    `shift * s / (1 + (shift - 1) * s)`. `shift > 1` moves time towards the noise end, where a
+    video's layout and motion are decided; video models shift far more than image models (many
+    latent elements per token reveal structure at higher noise). `shift = 1` is the identity."""
+    if shift <= 0:
+        raise ValueError(f"timestep shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return t
+    s = 1.0 - t
+    return 1.0 - shift * s / (1.0 + (shift - 1.0) * s)
+
+
 def sample_timesteps(
     batch: int,
     *,
     kind: str = "logit_normal",
     mean: float = 0.0,
     std: float = 1.0,
+    shift: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(batch,) fp32 times in [0, 1]. "uniform", or "logit_normal": sigmoid(N(mean, std))
-    (SD3's sampler; a positive `mean` puts more weight near the data end t = 1)."""
+    (SD3's sampler; a positive `mean` puts more weight near the data end t = 1); then
+    `shift_time(t, shift)`."""
     gdev = generator.device if generator is not None else device
     if kind == "uniform":
         t = torch.rand(batch, generator=generator, device=gdev)
@@ -43,6 +58,7 @@ def sample_timesteps(
         t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=gdev))
     else:
         raise ValueError(f"unknown timestep sampler {kind!r} (uniform | logit_normal)")
+    t = shift_time(t, shift)
     return t.to(device) if device is not None else t
 
 
@@ -244,6 +260,7 @@ def training_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     timestep_sampler: str = "logit_normal",
+    timestep_shift: float | None = None,
     mask_ratio: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
@@ -252,7 +269,8 @@ def training_loss(
     replacement -> MaskDiT keep-mask -> velocity -> masked loss.
 
     `null_text = (tokens, mask, pooled)` of the encoded empty prompt enables condition dropout.
-    `mask_ratio` defaults to `model.cfg.mask_ratio` while training (0 in eval mode)."""
+    `mask_ratio` defaults to `model.cfg.mask_ratio` while training (0 in eval mode), and
+    `timestep_shift` to `model.cfg.timestep_shift`."""
     b = x1.shape[0]
     x1 = x1.float()
     text_dropped = image_dropped = torch.zeros(b, dtype=torch.bool, device=x1.device)
@@ -265,8 +283,10 @@ def training_loss(
         text_tokens, text_mask, text_pooled, given_frames = d[:4]
         text_dropped, image_dropped = d.text_dropped, d.image_dropped
     gdev = generator.device if generator is not None else x1.device
+    cfg = model_config(model)
     if t is None:
-        t = sample_timesteps(b, kind=timestep_sampler, generator=generator, device=gdev)
+        shift = cfg.timestep_shift if timestep_shift is None else timestep_shift
+        t = sample_timesteps(b, kind=timestep_sampler, shift=shift, generator=generator, device=gdev)
     t = t.to(x1.device).float()
     if noise is None:
         noise = torch.randn(x1.shape, generator=generator, device=gdev)
@@ -274,7 +294,6 @@ def training_loss(
     x_t = replace_frames(interpolate(x1, noise, t), x1, given_frames)
     target = velocity_target(x1, noise)
 
-    cfg = model_config(model)
     ratio = (cfg.mask_ratio if model.training else 0.0) if mask_ratio is None else mask_ratio
     token_keep = None
     if ratio > 0:

@@ -27,7 +27,7 @@ import itertools
 
 import torch
 
-from .flow import expand_null_condition, interpolate, replace_frames
+from .flow import expand_null_condition, interpolate, model_config, replace_frames, shift_time
 
 
 def cfg_combine(
@@ -71,13 +71,16 @@ def sample(
     steps: int = 50,
     solver: str = "euler",
     seed: int = 0,
+    shift: float | None = None,
 ) -> torch.Tensor:
     """Generate latents (B, C, T, H, W) in fp32.
 
     `given_latents` (B, C, T, H, W) and `given_mask` (B, T) bool: frames to keep fixed (TI2V:
     frame 0; prediction: first k; interpolation: first and last). `cfg_scale=None` runs the
     conditional model only (one pass). Null text tensors may be unbatched and shorter than the
-    conditional text (they are padded with masked positions)."""
+    conditional text (they are padded with masked positions). `shift` warps the time grid
+    towards the noise end (`flow.shift_time`); None uses the model's `cfg.timestep_shift`, the
+    shift it was trained with."""
     if solver not in ("euler", "heun"):
         raise ValueError(f"unknown solver {solver!r} (euler | heun)")
     if steps < 1:
@@ -127,7 +130,10 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        ts = torch.linspace(0.0, 1.0, steps + 1).tolist()
+        if shift is None:
+            shift = model_config(model).timestep_shift
+        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        ts = shift_time(grid, shift).tolist()
         x = replace_frames(eps0, given_latents, given)
         for t0, t1 in itertools.pairwise(ts):
             dt = t1 - t0

@@ -187,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, prompt=args.prompt, image=args.image,
             last_image=args.last_image, video=args.video, given_frames=args.given_frames,
             cfg_scale=args.cfg_scale, steps=args.steps, solver=args.solver, seed=args.seed,
-            frames=args.frames, height=args.height, width=args.width, fps=args.fps, out=args.out,
+            shift=args.shift, frames=args.frames, height=args.height, width=args.width, fps=args.fps, out=args.out,
         )  # fmt: skip
     except ValueError as err:
         raise CliError(str(err)) from None
@@ -296,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--solver", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shift",
+        type=float,
+        help="time-grid shift towards noise (default: the model's training timestep_shift)",
+    )
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--height", type=int, default=32)
     p.add_argument("--width", type=int, default=32)

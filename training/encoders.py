@@ -273,6 +273,7 @@ def make_tiny_text_encoder(
     max_length: int = 48,
     seed: int = 0,
     words: Iterable[str] = (),
+    embedding_std: float = 0.2,
 ) -> Path:
     """Save a randomly initialised 2-layer CLIP text model with an offline BPE tokenizer.
 
@@ -282,6 +283,14 @@ def make_tiny_text_encoder(
     common words: with bytes only, a word's identity is spread over a variable run of character
     tokens ("left" and "right" both end in "t</w>"), which a random 2-layer encoder hardly
     separates; the train-demo's direction words were lost that way.
+
+    Token embeddings are drawn with `embedding_std` (transformers' CLIP init uses 0.02). At 0.02
+    a token's own embedding is tiny next to the first attention layer's residual output, so
+    every position ends up close to the causal mean of the tokens before it and a caption's
+    late words hardly register (measured: "left" vs "right" in the 5th word position moved the
+    encoding 3x less than "red" vs "blue" in the 2nd). A pretrained CLIP keeps each word's
+    identity; 0.2 makes the random stand-in do the same (direction then differs about as much as
+    colour).
     """
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -328,7 +337,11 @@ def make_tiny_text_encoder(
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
     )
-    CLIPTextModel(config).save_pretrained(str(directory))
+    model = CLIPTextModel(config)
+    embedding = model.get_input_embeddings()
+    with torch.no_grad():
+        embedding.weight.normal_(0.0, embedding_std)
+    model.save_pretrained(str(directory))
     return directory
 
 

@@ -37,6 +37,7 @@ class GenerateRequest:
     steps: int = 50
     solver: str = "euler"
     seed: int = 0
+    shift: float | None = None  # time-grid shift; None = the model's training shift
     frames: int = 8  # pixel frames to generate
     height: int = 32
     width: int = 32
@@ -54,6 +55,8 @@ class GenerateRequest:
             raise ValueError("--frames, --height, --width and --steps must be positive")
         if self.given_frames < 1:
             raise ValueError("--given-frames must be >= 1")
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError("--shift must be > 0")
 
 
 class Generator:
@@ -103,6 +106,7 @@ class Generator:
         seed: int,
         solver: str = "euler",
         given_pixels: dict[int, np.ndarray] | None = None,
+        shift: float | None = None,
     ) -> np.ndarray:
         """Generate (N, frames, height, width, 3) uint8 videos. `given_pixels` maps a pixel
         frame index to (N, H, W, 3) frames that are held fixed (frame replacement)."""
@@ -138,6 +142,7 @@ class Generator:
             steps=steps,
             solver=solver,
             seed=seed,
+            shift=shift,
         )
         from training.encoders import tensor_to_frames
 
@@ -208,6 +213,7 @@ def run_generate(request: GenerateRequest) -> dict[str, Any]:
     video = gen.sample(
         [request.prompt], frames=t, height=h, width=w, cfg_scale=request.cfg_scale,
         steps=request.steps, seed=request.seed, solver=request.solver, given_pixels=given or None,
+        shift=request.shift,
     )[0]  # fmt: skip
     out = Path(request.out)
     out.parent.mkdir(parents=True, exist_ok=True)

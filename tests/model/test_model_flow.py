@@ -13,6 +13,7 @@ from model.flow import (
     random_spatial_mask,
     replace_frames,
     sample_timesteps,
+    shift_time,
     training_loss,
     velocity_target,
     visible_latent_mask,
@@ -102,6 +103,22 @@ def test_timestep_samplers():
         sample_timesteps(4, kind="cosine")
 
 
+def test_timestep_shift_moves_time_towards_noise():
+    t = torch.linspace(0, 1, 11)
+    assert torch.equal(shift_time(t, 1.0), t)
+    s4 = shift_time(t, 4.0)
+    assert s4[0] == 0 and s4[-1] == 1 and torch.all(s4[1:-1] < t[1:-1])
+    assert torch.all(s4[1:] > s4[:-1])  # still monotone
+    # SD3's form on the noise level s = 1 - t: s' = shift * s / (1 + (shift - 1) * s)
+    torch.testing.assert_close(1 - s4[5], torch.tensor(4 * 0.5 / (1 + 3 * 0.5)))
+    # shifting a logit-normal by `shift` is a logit-normal with mean - log(shift)
+    g = torch.Generator().manual_seed(0)
+    shifted = sample_timesteps(20000, shift=4.0, generator=g)
+    assert abs(float(shifted.median()) - float(torch.sigmoid(-torch.log(torch.tensor(4.0))))) < 0.02
+    with pytest.raises(ValueError):
+        shift_time(t, 0.0)
+
+
 def test_random_spatial_mask():
     keep = random_spatial_mask(4, 64, 0.5, generator=torch.Generator().manual_seed(0))
     assert keep.shape == (4, 32)
@@ -172,6 +189,22 @@ def test_training_loss_masks_and_maskdit_switch():
     assert aux["token_keep"] is None  # unmasked in eval
     _, aux = training_loss(m.train(), x1, tokens, mask, pooled, micro, mask_ratio=0.0)
     assert aux["token_keep"] is None  # the switch to train unmasked
+
+
+def test_training_loss_draws_times_with_the_models_shift():
+    x1 = torch.randn(64, 4, 4, 8, 8)
+    tokens, mask, pooled, _ = _cond(64, dim=16)
+    micro = torch.tensor([[64.0, 64, 0, 0, 64, 64, 1]] * 64)
+    medians = {}
+    for shift in (1.0, 8.0):
+        m = STIV(get_preset("stiv-tiny", timestep_shift=shift))
+        _, aux = training_loss(
+            m, x1, tokens, mask, pooled, micro, generator=torch.Generator().manual_seed(0)
+        )
+        medians[shift] = float(aux["t"].median())
+    assert medians[8.0] < 0.3 < 0.35 < medians[1.0]  # shifted towards noise (t = 0)
+    with pytest.raises(ValueError, match="timestep_shift"):
+        get_preset("stiv-tiny", timestep_shift=0)
 
 
 def test_training_loss_through_wrappers():

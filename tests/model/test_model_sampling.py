@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from model.config import get_preset
-from model.flow import endpoints_mask, first_frames_mask, interpolate
+from model.flow import endpoints_mask, first_frames_mask, interpolate, shift_time
 from model.network import STIV
 from model.sampling import cfg_combine, sample
 
@@ -48,6 +48,7 @@ class Spy(nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner, self.calls = inner, []
+        self.cfg = inner.cfg
 
     def forward(self, x, t, tokens, mask, pooled, micro, token_keep=None):
         self.calls.append(
@@ -150,14 +151,30 @@ def test_solvers_integrate_from_noise_to_data():
     f = LinearField()
     eps0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     exact = eps0 + f.a + f.b / 2
-    heun = sample(f, shape=SHAPE, **cond(), cfg_scale=None, steps=4, solver="heun", seed=0)
+    heun = sample(f, shape=SHAPE, **cond(), cfg_scale=None, steps=4, solver="heun", seed=0, shift=1)
     torch.testing.assert_close(heun, exact, atol=1e-5, rtol=1e-5)  # trapezoid: exact for linear t
-    euler = sample(f, shape=SHAPE, **cond(), cfg_scale=None, steps=4, solver="euler", seed=0)
+    euler = sample(
+        f, shape=SHAPE, **cond(), cfg_scale=None, steps=4, solver="euler", seed=0, shift=1
+    )
     torch.testing.assert_close(
         euler, eps0 + f.a + f.b * 3 / 8, atol=1e-5, rtol=1e-5
     )  # left Riemann sum
     with pytest.raises(ValueError):
         sample(f, shape=SHAPE, **cond(), solver="rk4")
+
+
+def test_time_grid_follows_the_models_training_shift():
+    spy = Spy(make_model())
+    spy.cfg = spy.cfg.replace(timestep_shift=3.0)
+    sample(spy, shape=SHAPE, **cond(), steps=4, cfg_scale=None)
+    grid = shift_time(torch.linspace(0, 1, 5, dtype=torch.float64), 3.0)[:-1]
+    seen = torch.stack([call["t"][0] for call in spy.calls]).double()
+    torch.testing.assert_close(seen, grid, atol=1e-6, rtol=0)
+    assert seen[1] < 0.25 / 2  # shift 3: the first interval is much shorter than 1/4
+    spy.calls.clear()
+    sample(spy, shape=SHAPE, **cond(), steps=4, cfg_scale=None, shift=1.0)  # explicit override
+    seen = torch.stack([call["t"][0] for call in spy.calls]).double()
+    torch.testing.assert_close(seen, torch.tensor([0, 0.25, 0.5, 0.75]).double(), atol=1e-6, rtol=0)
 
 
 def test_sampling_restores_training_mode():

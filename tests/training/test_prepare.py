@@ -205,3 +205,11 @@ def test_tiny_text_encoder_words_become_single_tokens(tmp_path):
     )
     diff = (encoded.tokens[0] - encoded.tokens[1]).abs().amax(-1)
     assert torch.all(diff[:5] == 0) and diff[5] > 0  # BOS a green square moving | up/down
+    # The last word registers about as strongly as an early one (embedding_std; with the stock
+    # 0.02 init the 5th word moved its position's encoding 3x less than the 2nd word did).
+    colours = TextEncoder(path, max_length=16).encode(
+        ["a red square moving up", "a blue square moving up"]
+    )
+    direction_change = (encoded.tokens[0, 5] - encoded.tokens[1, 5]).norm()
+    colour_change = (colours.tokens[0, 2] - colours.tokens[1, 2]).norm()
+    assert direction_change > 0.5 * colour_change
