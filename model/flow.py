@@ -286,7 +286,9 @@ def training_loss(
     cfg = model_config(model)
     if t is None:
         shift = cfg.timestep_shift if timestep_shift is None else timestep_shift
-        t = sample_timesteps(b, kind=timestep_sampler, shift=shift, generator=generator, device=gdev)
+        t = sample_timesteps(
+            b, kind=timestep_sampler, shift=shift, generator=generator, device=gdev
+        )
     t = t.to(x1.device).float()
     if noise is None:
         noise = torch.randn(x1.shape, generator=generator, device=gdev)
