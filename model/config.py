@@ -67,6 +67,11 @@ class STIVConfig:
     # branch gets no gradient until the gate grows, and in a few thousand steps it never did
     # (LESSONS.md, "Measured here"; README train-demo section).
     temporal_gate_init: float = 0.0
+    # Also add fixed 3D sin-cos absolute positions (time, row, column) to the patch tokens, as
+    # DiT did before RoPE. RoPE alone is relative: from pure noise the network cannot place the
+    # prompted motion's start and end in the frame, and the tiny CPU model never learned
+    # direction without them (README, train-demo). Off for the paper presets (RoPE only).
+    abs_pos_embed: bool = False
     rope_base_grid: tuple[int, int] = (16, 16)  # tokens: 256 px / 8 (VAE) / 2 (patch)
     rope_base_frames: int = 10  # temporal tokens: 20 latent frames / 2
     rope_theta: float = 10000.0
@@ -141,7 +146,13 @@ class STIVConfig:
             errors.append(f"timestep_shift must be a number > 0, got {self.timestep_shift!r}")
         if not (0 < self.clean_pred_min_denominator <= 1):
             errors.append("clean_pred_min_denominator must be in (0, 1]")
-        for n in ("predict_clean", "grad_checkpointing", "temporal_attention", "qk_norm"):
+        for n in (
+            "predict_clean",
+            "grad_checkpointing",
+            "temporal_attention",
+            "qk_norm",
+            "abs_pos_embed",
+        ):
             if not isinstance(getattr(self, n), bool):
                 errors.append(f"{n} must be a bool")
         if errors:
@@ -210,6 +221,7 @@ PRESETS: dict[str, STIVConfig] = {
         max_text_tokens=16,
         num_extra_unmasked_blocks=2,
         predict_clean=True,
+        abs_pos_embed=True,  # without it direction stayed at chance (README, train-demo)
         rope_base_grid=(4, 4),
         rope_base_frames=4,
         frequency_embedding_size=128,

@@ -56,6 +56,25 @@ def sinusoidal_embedding(
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def absolute_position_embedding(
+    pos_t: torch.Tensor, pos_h: torch.Tensor, pos_w: torch.Tensor, dim: int
+) -> torch.Tensor:
+    """Fixed 3D sin-cos positions (Tt, N, dim), fp32: time (Tt,) and per-token row / column
+    (N,) positions each get their own block of `sinusoidal_embedding` channels (rows and
+    columns 2 * (dim // 6) each, time the rest). Wavelengths span 2*pi to 2*pi*100 positions,
+    so grids of a few tokens (interpolated into the RoPE base range) still get distinct codes."""
+    dh = 2 * (dim // 6)
+    dt = dim - 2 * dh
+    if dt <= 0 or dt % 2:
+        raise ValueError(f"absolute positions need an even dim >= 6, got {dim}")
+    et = sinusoidal_embedding(pos_t, dt, max_period=100.0)  # (Tt, dt)
+    eh = sinusoidal_embedding(pos_h, dh, max_period=100.0)  # (N, dh)
+    ew = sinusoidal_embedding(pos_w, dh, max_period=100.0)
+    tt, n = et.shape[0], eh.shape[0]
+    space = torch.cat([eh, ew], dim=-1)
+    return torch.cat([et[:, None].expand(tt, n, dt), space[None].expand(tt, n, 2 * dh)], dim=-1)
+
+
 def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Pooled text: the embedding at the last real (non-padding, EOS) position of each row.
 

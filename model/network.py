@@ -45,6 +45,7 @@ from .layers import (
     Mlp,
     RMSNorm,
     ScalarEmbedder,
+    absolute_position_embedding,
     grid_positions,
     interpolated_positions,
     modulate,
@@ -317,6 +318,15 @@ class STIV(nn.Module):
         rope_t = rope_cos_sin(rope_angles_1d(pos_t, hd, self.cfg.rope_theta))  # (Tt, hd)
         return ang_s, rope_cos_sin(ang_s), rope_t
 
+    def _abs_pos(self, tt: int, ht: int, wt: int, device) -> torch.Tensor:
+        """(Tt, Ht*Wt, D) fixed sin-cos absolute positions on the RoPE position grid. A model
+        without temporal attention (T2I) gives every frame time 0: its frames are images."""
+        ph, pw = grid_positions(ht, wt, self.cfg.rope_base_grid, device)
+        pt = interpolated_positions(tt, self.cfg.rope_base_frames, device)
+        if not self.cfg.temporal_attention:
+            pt = torch.zeros_like(pt)
+        return absolute_position_embedding(pt, ph, pw, self.cfg.hidden_size)
+
     def _run(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in blocks:
@@ -352,6 +362,8 @@ class STIV(nn.Module):
         _, tt, ht, wt, d = tok.shape
         n = ht * wt
         tok = tok.reshape(b, tt, n, d)
+        if self.cfg.abs_pos_embed:
+            tok = tok + self._abs_pos(tt, ht, wt, x.device).to(dtype)
 
         c = self.cond_embed(t, micro_cond, text_pooled)  # (B, D)
         mod = self.adaln(c).view(b, 6, d)

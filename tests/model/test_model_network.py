@@ -64,16 +64,34 @@ def test_image_run_equals_one_frame_video_run():
     torch.testing.assert_close(out_img, out_vid.mean(dim=2, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
-def test_t2i_model_runs_frames_as_images():
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_t2i_model_runs_frames_as_images(abs_pos):
     """A T2I model (temporal patch 1, no temporal attention) treats each frame of a video as an
     image: running a T-frame video equals running its frames one by one."""
-    m = make_model(temporal_patch_size=1, temporal_attention=False)
+    m = make_model(temporal_patch_size=1, temporal_attention=False, abs_pos_embed=abs_pos)
     x, t, *cond = make_inputs(m.cfg, t=3)
     out = m(x, t, *cond)
     for f in range(3):
         torch.testing.assert_close(
             out[:, :, f : f + 1], m(x[:, :, f : f + 1], t, *cond), atol=1e-5, rtol=1e-5
         )
+
+
+def test_absolute_positions_are_distinct_and_change_the_output():
+    """`abs_pos_embed` adds fixed codes (no parameters: checkpoints stay compatible), one
+    distinct code per (time, row, column) token."""
+    m = make_model(abs_pos_embed=True)
+    plain = STIV(m.cfg.replace(abs_pos_embed=False)).eval()
+    plain.load_state_dict(m.state_dict(), strict=True)
+    x, t, *cond = make_inputs(m.cfg)
+    assert not torch.allclose(m(x, t, *cond), plain(x, t, *cond))
+    codes = m._abs_pos(2, 4, 4, None)
+    assert codes.shape == (2, 16, m.cfg.hidden_size)
+    flat = codes.reshape(32, -1)
+    distance = torch.cdist(flat, flat) + torch.eye(32) * 1e9
+    assert distance.min() > 0.1
+    # the same codes at the same positions, whatever else is in the batch
+    torch.testing.assert_close(m._abs_pos(2, 4, 4, None), codes)
 
 
 def test_temporal_attention_is_bidirectional():
