@@ -106,3 +106,30 @@ def test_export_then_generate_from_the_file_matches_the_run(demo_run, tmp_path) 
     )
     from_file = Generator(str(weights)).sample(["a green circle moving down"], **kwargs)
     np.testing.assert_array_equal(from_run, from_file)
+
+
+@pytest.mark.slow
+def test_generation_samples_with_the_runs_training_shift(demo_run, tmp_path) -> None:
+    """The T2V stage's `timestep_shift` travels in the checkpoint; sampling uses it unless
+    `--shift` overrides it, and a bad `--shift` is refused before any work."""
+    import yaml
+
+    root, _ = demo_run
+    repo = Path(__file__).resolve().parents[2]
+    stage = yaml.safe_load((repo / "pipelines" / "train-t2v-tiny-cpu.yaml").read_text())
+    gen = Generator(str(root / "runs" / "t2v"))
+    assert gen.model.cfg.timestep_shift == stage["model"]["overrides"]["timestep_shift"] > 1
+    kwargs = {"frames": 8, "height": 32, "width": 32, "cfg_scale": 3.0, "steps": 3, "seed": 2}
+    prompt = ["a red square moving right"]
+    default = gen.sample(prompt, **kwargs)
+    explicit = gen.sample(prompt, shift=gen.model.cfg.timestep_shift, **kwargs)
+    unshifted = gen.sample(prompt, shift=1.0, **kwargs)
+    np.testing.assert_array_equal(default, explicit)
+    assert not np.array_equal(default, unshifted)
+    bad = subprocess.run(
+        [*STIV, "generate", "--checkpoint", str(root / "runs" / "t2v"), "--prompt", "a",
+         "--shift", "0", "--out", str(tmp_path / "x.mp4")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--shift" in bad.stderr
+    assert not (tmp_path / "x.mp4").exists()
