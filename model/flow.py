@@ -260,7 +260,6 @@ def training_loss(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     timestep_sampler: str = "logit_normal",
-    timestep_shift: float | None = None,
     mask_ratio: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
@@ -269,8 +268,8 @@ def training_loss(
     replacement -> MaskDiT keep-mask -> velocity -> masked loss.
 
     `null_text = (tokens, mask, pooled)` of the encoded empty prompt enables condition dropout.
-    `mask_ratio` defaults to `model.cfg.mask_ratio` while training (0 in eval mode), and
-    `timestep_shift` to `model.cfg.timestep_shift`."""
+    `mask_ratio` defaults to `model.cfg.mask_ratio` while training (0 in eval mode). Drawn times
+    use the model's `cfg.timestep_shift`."""
     b = x1.shape[0]
     x1 = x1.float()
     text_dropped = image_dropped = torch.zeros(b, dtype=torch.bool, device=x1.device)
@@ -285,9 +284,8 @@ def training_loss(
     gdev = generator.device if generator is not None else x1.device
     cfg = model_config(model)
     if t is None:
-        shift = cfg.timestep_shift if timestep_shift is None else timestep_shift
         t = sample_timesteps(
-            b, kind=timestep_sampler, shift=shift, generator=generator, device=gdev
+            b, kind=timestep_sampler, shift=cfg.timestep_shift, generator=generator, device=gdev
         )
     t = t.to(x1.device).float()
     if noise is None:

@@ -310,22 +310,24 @@ class STIV(nn.Module):
         v = (raw.float() - x_t.float()) / denom
         return v.to(torch.promote_types(raw.dtype, x_t.dtype))
 
-    def _rope(self, tt: int, ht: int, wt: int, device) -> tuple[torch.Tensor, tuple, tuple]:
-        hd = self.cfg.head_dim
+    def _positions(self, tt: int, ht: int, wt: int, device) -> tuple[torch.Tensor, ...]:
+        """Time (Tt,), row and column (Ht*Wt,) positions, interpolated into the RoPE base
+        range; shared by RoPE and the absolute position codes."""
         ph, pw = grid_positions(ht, wt, self.cfg.rope_base_grid, device)
-        ang_s = rope_angles_2d(ph, pw, hd, self.cfg.rope_theta)  # (N, hd/2)
-        pos_t = interpolated_positions(tt, self.cfg.rope_base_frames, device)
+        return interpolated_positions(tt, self.cfg.rope_base_frames, device), ph, pw
+
+    def _rope(self, pos_t, pos_h, pos_w) -> tuple[torch.Tensor, tuple, tuple]:
+        hd = self.cfg.head_dim
+        ang_s = rope_angles_2d(pos_h, pos_w, hd, self.cfg.rope_theta)  # (N, hd/2)
         rope_t = rope_cos_sin(rope_angles_1d(pos_t, hd, self.cfg.rope_theta))  # (Tt, hd)
         return ang_s, rope_cos_sin(ang_s), rope_t
 
-    def _abs_pos(self, tt: int, ht: int, wt: int, device) -> torch.Tensor:
-        """(Tt, Ht*Wt, D) fixed sin-cos absolute positions on the RoPE position grid. A model
-        without temporal attention (T2I) gives every frame time 0: its frames are images."""
-        ph, pw = grid_positions(ht, wt, self.cfg.rope_base_grid, device)
-        pt = interpolated_positions(tt, self.cfg.rope_base_frames, device)
+    def _abs_pos(self, pos_t, pos_h, pos_w) -> torch.Tensor:
+        """(Tt, Ht*Wt, D) fixed sin-cos absolute positions. A model without temporal attention
+        (T2I) gives every frame time 0: its frames are images."""
         if not self.cfg.temporal_attention:
-            pt = torch.zeros_like(pt)
-        return absolute_position_embedding(pt, ph, pw, self.cfg.hidden_size)
+            pos_t = torch.zeros_like(pos_t)
+        return absolute_position_embedding(pos_t, pos_h, pos_w, self.cfg.hidden_size)
 
     def _run(self, blocks, x: torch.Tensor, *args) -> torch.Tensor:
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -362,15 +364,16 @@ class STIV(nn.Module):
         _, tt, ht, wt, d = tok.shape
         n = ht * wt
         tok = tok.reshape(b, tt, n, d)
+        positions = self._positions(tt, ht, wt, x.device)
         if self.cfg.abs_pos_embed:
-            tok = tok + self._abs_pos(tt, ht, wt, x.device).to(dtype)
+            tok = tok + self._abs_pos(*positions).to(dtype)
 
         c = self.cond_embed(t, micro_cond, text_pooled)  # (B, D)
         mod = self.adaln(c).view(b, 6, d)
         ctx = self.caption_proj(text_tokens.to(dtype))
         ctx_mask = text_mask.bool()
 
-        ang_s, rope_s, rope_t = self._rope(tt, ht, wt, x.device)
+        ang_s, rope_s, rope_t = self._rope(*positions)
         head, tail = self.blocks[: self.num_masked_blocks], self.blocks[self.num_masked_blocks :]
         if token_keep is None:
             tok = self._run(head, tok, mod, rope_s, rope_t, ctx, ctx_mask)

@@ -187,7 +187,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, prompt=args.prompt, image=args.image,
             last_image=args.last_image, video=args.video, given_frames=args.given_frames,
             cfg_scale=args.cfg_scale, steps=args.steps, solver=args.solver, seed=args.seed,
-            shift=args.shift, frames=args.frames, height=args.height, width=args.width, fps=args.fps, out=args.out,
+            shift=args.shift, frames=args.frames, height=args.height, width=args.width,
+            fps=args.fps, out=args.out,
         )  # fmt: skip
     except ValueError as err:
         raise CliError(str(err)) from None

@@ -85,13 +85,13 @@ def test_absolute_positions_are_distinct_and_change_the_output():
     plain.load_state_dict(m.state_dict(), strict=True)
     x, t, *cond = make_inputs(m.cfg)
     assert not torch.allclose(m(x, t, *cond), plain(x, t, *cond))
-    codes = m._abs_pos(2, 4, 4, None)
+    codes = m._abs_pos(*m._positions(2, 4, 4, None))
     assert codes.shape == (2, 16, m.cfg.hidden_size)
     flat = codes.reshape(32, -1)
     distance = torch.cdist(flat, flat) + torch.eye(32) * 1e9
     assert distance.min() > 0.1
     # the same codes at the same positions, whatever else is in the batch
-    torch.testing.assert_close(m._abs_pos(2, 4, 4, None), codes)
+    torch.testing.assert_close(m._abs_pos(*m._positions(2, 4, 4, None)), codes)
 
 
 def test_temporal_attention_is_bidirectional():
