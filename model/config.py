@@ -72,6 +72,12 @@ class STIVConfig:
     # prompted motion's start and end in the frame, and the tiny CPU model never learned
     # direction without them (README, train-demo). Off for the paper presets (RoPE only).
     abs_pos_embed: bool = False
+    # Feed the pooled text vector into the singleton condition (AdaLN), as STIV does. Off for the
+    # tiny CPU preset: its text encoder is random, so the pooled vector is a hash of the whole
+    # caption and a held-out caption gets an unseen one; the tiny model leant on it for colour and
+    # direction and lost the given frame's colour on held-out TI2V prompts (README, train-demo).
+    # Without it the text reaches the network only through cross-attention over the tokens.
+    text_pooled: bool = True
     rope_base_grid: tuple[int, int] = (16, 16)  # tokens: 256 px / 8 (VAE) / 2 (patch)
     rope_base_frames: int = 10  # temporal tokens: 20 latent frames / 2
     rope_theta: float = 10000.0
@@ -152,6 +158,7 @@ class STIVConfig:
             "temporal_attention",
             "qk_norm",
             "abs_pos_embed",
+            "text_pooled",
         ):
             if not isinstance(getattr(self, n), bool):
                 errors.append(f"{n} must be a bool")
@@ -222,6 +229,7 @@ PRESETS: dict[str, STIVConfig] = {
         num_extra_unmasked_blocks=2,
         predict_clean=True,
         abs_pos_embed=True,  # without it direction stayed at chance (README, train-demo)
+        text_pooled=False,  # a random text encoder's pooled vector does not compose (above)
         rope_base_grid=(4, 4),
         rope_base_frames=4,
         frequency_embedding_size=128,

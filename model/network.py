@@ -92,7 +92,8 @@ class ConditionEmbedder(nn.Module):
 
     Each part (timestep; original size; crop box; frame stride; pooled text) is embedded
     (sinusoids + MLP, or an MLP for the text), passed through a stateless LayerNorm, and the parts
-    are summed (STIV sec. 2.2).
+    are summed (STIV sec. 2.2). With `cfg.text_pooled` False there is no text part (and no
+    parameters for it): the pooled vector is accepted and ignored.
     """
 
     def __init__(self, cfg: STIVConfig) -> None:
@@ -103,16 +104,21 @@ class ConditionEmbedder(nn.Module):
         self.orig_size = ScalarEmbedder(2, d, f)  # orig_height, orig_width
         self.crop = ScalarEmbedder(4, d, f)  # crop_top, crop_left, crop_height, crop_width
         self.frame_stride = ScalarEmbedder(1, d, f)
-        self.text_pooled = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.text_pooled = (
+            nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+            if cfg.text_pooled
+            else None
+        )
 
     def forward(self, t: torch.Tensor, micro: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        parts = (
+        parts = [
             self.timestep(t[:, None]),
             self.orig_size(micro[:, 0:2]),
             self.crop(micro[:, 2:6]),
             self.frame_stride(micro[:, 6:7]),
-            self.text_pooled(pooled.to(self.text_pooled[0].weight.dtype)),
-        )
+        ]
+        if self.text_pooled is not None:
+            parts.append(self.text_pooled(pooled.to(self.text_pooled[0].weight.dtype)))
         return sum(stateless_layer_norm(p, self.eps) for p in parts)
 
 

@@ -94,6 +94,24 @@ def test_absolute_positions_are_distinct_and_change_the_output():
     torch.testing.assert_close(m._abs_pos(*m._positions(2, 4, 4, None)), codes)
 
 
+def test_pooled_text_can_be_left_out_of_the_condition():
+    """`text_pooled=False`: no parameters for the pooled vector and the output ignores it (the
+    tokens still condition through cross-attention); True: the pooled vector matters."""
+    with_pooled = make_model(text_pooled=True)
+    without = make_model(text_pooled=False)
+    assert not any("text_pooled" in n for n, _ in without.named_parameters())
+    assert any("text_pooled" in n for n, _ in with_pooled.named_parameters())
+    x, t, tokens, mask, pooled, micro = make_inputs(without.cfg)
+    other = torch.randn_like(pooled)
+    out = without(x, t, tokens, mask, pooled, micro)
+    torch.testing.assert_close(without(x, t, tokens, mask, other, micro), out, atol=0, rtol=0)
+    assert not torch.allclose(without(x, t, torch.randn_like(tokens), mask, pooled, micro), out)
+    assert not torch.allclose(
+        with_pooled(x, t, tokens, mask, pooled, micro),
+        with_pooled(x, t, tokens, mask, other, micro),
+    )
+
+
 def test_temporal_attention_is_bidirectional():
     m = make_model()
     x, t, *cond = make_inputs(m.cfg, t=6)
