@@ -39,6 +39,11 @@ def test_train_demo_reports_every_figure(demo_run) -> None:
         assert 0.0 <= result[key] <= 1.0, key
     scales = [s["cfg_scale"] for s in result["cfg_sweep"]]
     assert 1.0 in scales and 7.5 in scales and result["cfg_scale"] > 1.0
+    ti2v = {s["cfg_scale"]: s for s in result["ti2v_cfg_sweep"]}
+    assert sorted(ti2v) == sorted(scales)
+    chosen = ti2v[result["cfg_scale"]]  # the headline TI2V figures are the T2V-chosen scale's
+    assert chosen["colour_kept"] == result["ti2v_colour_kept"]
+    assert chosen["direction_accuracy"] == result["ti2v_direction_accuracy"]
     assert result["train_minutes"] > 0
     assert (root / "figures" / "train-demo-t2v.png").is_file()
 
