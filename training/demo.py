@@ -151,22 +151,38 @@ def evaluate(
     prompts = [ShapeSpec(c, s, d, 0).caption for c, s, d in combos for _ in range(seeds_per_prompt)]
     truth = [(c, d) for c, _, d in combos for _ in range(seeds_per_prompt)]
 
-    def score(videos: np.ndarray) -> tuple[float, float]:
-        colour = np.mean([measure_colour(v) == c for v, (c, _) in zip(videos, truth)])
-        direction = np.mean([measure_direction(v, c) == d for v, (c, d) in zip(videos, truth)])
-        return float(colour), float(direction)
+    def fraction(hits) -> float:
+        return float(np.mean(list(hits)))
 
-    t2v = Generator(str(root / "runs" / "t2v"))
-    sweep = []
-    strips = {}
-    for scale in CFG_SCALES:
-        videos = t2v.sample(prompts, frames=GEN_FRAMES, height=GEN_SIZE, width=GEN_SIZE,
-                            cfg_scale=scale, steps=steps, seed=1234)  # fmt: skip
-        colour, direction = score(videos)
-        sweep.append(
-            {"cfg_scale": scale, "colour_accuracy": colour, "direction_accuracy": direction}
-        )
-        strips[scale] = videos
+    def direction(videos: np.ndarray) -> float:
+        return fraction(measure_direction(v, c) == d for v, (c, d) in zip(videos, truth))
+
+    def cfg_sweep(run: str, seed: int, **given) -> dict[float, np.ndarray]:
+        """{scale: generated videos} for every CFG scale, from one run directory."""
+        generator = Generator(str(root / "runs" / run))
+        return {
+            scale: generator.sample(
+                prompts,
+                frames=GEN_FRAMES,
+                height=GEN_SIZE,
+                width=GEN_SIZE,
+                cfg_scale=scale,
+                steps=steps,
+                seed=seed,
+                **given,
+            )
+            for scale in CFG_SCALES
+        }
+
+    t2v_videos = cfg_sweep("t2v", seed=1234)
+    sweep = [
+        {
+            "cfg_scale": scale,
+            "colour_accuracy": fraction(measure_colour(v) == c for v, (c, _) in zip(vs, truth)),
+            "direction_accuracy": direction(vs),
+        }
+        for scale, vs in t2v_videos.items()
+    ]
     base = next(s for s in sweep if s["cfg_scale"] == 1.0)
     guided = [s for s in sweep if s["cfg_scale"] > 1.0]
     best = max(
@@ -175,40 +191,31 @@ def evaluate(
 
     # TI2V: the headline figures use the scale chosen on T2V (no second pick on these prompts);
     # the sweep is reported beside them.
-    ti2v = Generator(str(root / "runs" / "ti2v"))
     first = np.stack([_first_frame(ShapeSpec(c, s, d, 10_000 + i)) for i, (c, s, d) in
                       enumerate(combo for combo in combos for _ in range(seeds_per_prompt))])  # fmt: skip
-    ti2v_sweep = []
-    for scale in CFG_SCALES:
-        generated = ti2v.sample(prompts, frames=GEN_FRAMES, height=GEN_SIZE, width=GEN_SIZE,
-                                cfg_scale=scale, steps=steps, seed=99,
-                                given_pixels={0: first})  # fmt: skip
-        kept = float(np.mean([measure_colour_kept(v, c) for v, (c, _) in zip(generated, truth)]))
-        direction = float(
-            np.mean([measure_direction(v, c) == d for v, (c, d) in zip(generated, truth)])
-        )
-        ti2v_sweep.append(
-            {"cfg_scale": scale, "colour_kept": kept, "direction_accuracy": direction}
-        )
-        if scale == best["cfg_scale"]:
-            videos, ti2v_kept, ti2v_direction = generated, kept, direction
+    ti2v_videos = cfg_sweep("ti2v", seed=99, given_pixels={0: first})
+    ti2v_sweep = [
+        {
+            "cfg_scale": scale,
+            "colour_kept": fraction(measure_colour_kept(v, c) for v, (c, _) in zip(vs, truth)),
+            "direction_accuracy": direction(vs),
+        }
+        for scale, vs in ti2v_videos.items()
+    ]
+    ti2v_best = next(s for s in ti2v_sweep if s["cfg_scale"] == best["cfg_scale"])
 
-    docs = figures
-    docs.mkdir(parents=True, exist_ok=True)
-    sample_rows = np.concatenate(
-        [strips[best["cfg_scale"]][i] for i in range(0, len(prompts), seeds_per_prompt)], axis=1
-    )
-    write_strip(docs / "train-demo-t2v.png", sample_rows, scale=3)
-    write_strip(docs / "train-demo-ti2v.png", np.concatenate(
-        [videos[i] for i in range(0, len(prompts), seeds_per_prompt)], axis=1), scale=3)  # fmt: skip
+    figures.mkdir(parents=True, exist_ok=True)
+    for name, videos in (("t2v", t2v_videos), ("ti2v", ti2v_videos)):
+        rows = [videos[best["cfg_scale"]][i] for i in range(0, len(prompts), seeds_per_prompt)]
+        write_strip(figures / f"train-demo-{name}.png", np.concatenate(rows, axis=1), scale=3)
     return {
         "colour_accuracy": best["colour_accuracy"],
         "direction_accuracy": best["direction_accuracy"],
         "cfg_scale": best["cfg_scale"],
         "colour_accuracy_cfg1": base["colour_accuracy"],
         "direction_accuracy_cfg1": base["direction_accuracy"],
-        "ti2v_colour_kept": ti2v_kept,
-        "ti2v_direction_accuracy": ti2v_direction,
+        "ti2v_colour_kept": ti2v_best["colour_kept"],
+        "ti2v_direction_accuracy": ti2v_best["direction_accuracy"],
         "cfg_sweep": sweep,
         "ti2v_cfg_sweep": ti2v_sweep,
         "held_out_prompts": sorted(set(prompts)),
