@@ -16,11 +16,16 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lance
 import pyarrow as pa
+import pyarrow.compute as pc
+from lance.dataset import ColumnOrdering
+
+from data_engine.filters import FilterError, check_filter
 
 VIDEOS = "videos"
 CLIPS = "clips"
@@ -30,10 +35,19 @@ SNAPSHOTS = "snapshots"
 
 _SCAN_BATCH_ROWS = 1 << 16  # rows per scan batch for filters (bench/query.py)
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-# Columns that deserve a scalar index: the ones queries select on, chosen by measurement
-# (ENV-NOTES.md: a BTREE on every unselective score column made combined filters slower).
-# Keys and statuses are looked up exactly (resume, upserts), so they are indexed.
+# Columns that deserve a scalar index: the ones queries select on, chosen by measurement.
+# Keys and statuses are looked up exactly (resume, upserts), so they are indexed. Score columns
+# are not: bench/query.py's filter (3 score predicates, 0.33% of rows) on 1M / 10M rows, medians
+# of 7 in one process on the shared 2-core machine: no index counted in 9.9 / 88 ms, a BTREE on
+# the most selective column (aesthetic_score) in 22 / 152 ms, ZONEMAPs on all three in 14 ms
+# at 1M (scores are not clustered by row order, so zone maps prune nothing); fetch and top-20
+# were slower with either index too. ENV-NOTES.md saw the same for a BTREE on every column.
 _INDEXED = {VIDEOS: {"video_id": "BTREE", "status": "BITMAP"}, CLIPS: {"video_id": "BTREE"}}
+# Compaction target, rows per fragment: Lance's own write default (`max_rows_per_file`), which
+# the 10M-row benchmark table uses (10 fragments). Data storage version stays Lance's default
+# (2.0): 2.1 was no faster here (1M rows: count 8.8 vs 9.9 ms, fetch 31.8 vs 31.3 ms; 10M
+# rows: 133 vs 88 ms and 428 vs 247 ms, same run as above).
+_FRAGMENT_ROWS = 1 << 20
 
 
 class StoreError(RuntimeError):
@@ -50,6 +64,23 @@ class Snapshot:
     where: str
     num_rows: int
     created_at: float
+
+
+@dataclass(frozen=True)
+class FilterSummary:
+    """What a filter keeps of a table version: rows, hours of video and share of the rows."""
+
+    table: str
+    version: int
+    where: str
+    num_rows: int
+    total_rows: int
+    hours: float  # sum of the kept rows' duration_s / 3600
+
+    @property
+    def share(self) -> float:
+        """Kept rows / all rows of that version (0.0 for an empty table)."""
+        return self.num_rows / self.total_rows if self.total_rows else 0.0
 
 
 def storage_options_from_env(uri: str) -> dict[str, str] | None:
@@ -165,14 +196,49 @@ class Database:
             self.table(table).delete(where)
 
     def ensure_indexes(self, table: str) -> None:
-        """Create the scalar indexes this table benefits from (see `_INDEXED`), once."""
+        """Create the scalar indexes this table benefits from (see `_INDEXED`), and fold rows
+        appended since into the existing ones, so an index never covers only part of a table
+        (unindexed fragments fall back to a full scan of those fragments)."""
         if not self.has_table(table):
             return
         ds = self.table(table)
-        have = {tuple(i.field_names) for i in ds.describe_indices()}
+        have = {tuple(i.field_names): i for i in ds.describe_indices()}
         for column, kind in _INDEXED.get(table, {}).items():
             if column in ds.schema.names and (column,) not in have:
                 ds.create_scalar_index(column, kind)
+        stale = [
+            i.name
+            for i in have.values()
+            if ds.stats.index_stats(i.name).get("num_unindexed_rows", 0) > 0
+        ]
+        if stale:
+            ds.optimize.optimize_indices(index_names=stale)
+
+    def optimize(self, tables: list[str] | None = None) -> dict[str, dict[str, int]]:
+        """Compact each table's fragments, fold new rows into its indexes and drop versions
+        older than the current one, except those a snapshot's Lance tag pins (cleanup never
+        removes a tagged version). Returns per table: fragments before/after, versions
+        removed, bytes freed."""
+        report: dict[str, dict[str, int]] = {}
+        for name in tables or self.tables():
+            ds = self.table(name)
+            before = len(ds.get_fragments())
+            versions_before = len(ds.versions())
+            ds.optimize.compact_files(target_rows_per_fragment=_FRAGMENT_ROWS)
+            self.ensure_indexes(name)
+            ds = self.table(name)
+            stats = ds.cleanup_old_versions(
+                older_than=timedelta(0), error_if_tagged_old_versions=False
+            )
+            ds = self.table(name)
+            report[name] = {
+                "fragments_before": before,
+                "fragments_after": len(ds.get_fragments()),
+                "versions_before": versions_before,
+                "versions_removed": stats.old_versions,
+                "bytes_removed": stats.bytes_removed,
+            }
+        return report
 
     # -- queries ---------------------------------------------------------------------------
     def query(
@@ -184,57 +250,136 @@ class Database:
         desc: bool = False,
         limit: int | None = None,
         version: int | str | None = None,
+        snapshot: str | None = None,
     ) -> pa.Table:
-        ds = self.table(table, version=version)
+        """Rows of `table` (or of a snapshot's pinned rows) passing `where`, sorted by
+        `order_by` when given. With a limit, Lance keeps only the top `limit` rows while it
+        scans (a top-k sort, never the whole filtered set) and reads the other columns for
+        those rows only (late materialisation)."""
+        ds, where = self.resolve(table, where, version, snapshot)
         _check_columns(ds, columns, order_by)
+        if limit is not None and limit < 0:
+            raise StoreError(f"--limit: must be >= 0, got {limit}")
+        ordering = None
+        if order_by is not None:
+            ordering = [ColumnOrdering(order_by, ascending=not desc, nulls_first=False)]
         try:
-            if order_by is None:
-                return ds.to_table(columns=columns, filter=where or None, limit=limit)
-            cols = None if columns is None else list(dict.fromkeys([*columns, order_by]))
-            rows = ds.to_table(columns=cols, filter=where or None)
-        except (ValueError, OSError, RuntimeError) as err:
-            raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
-        rows = rows.sort_by([(order_by, "descending" if desc else "ascending")])
-        if limit is not None:
-            rows = rows.slice(0, limit)
-        return rows.select(columns) if columns is not None else rows
-
-    def count(self, table: str = CLIPS, where: str | None = None) -> int:
-        ds = self.table(table)
-        try:
-            # A row-id-only scan in large batches: measured faster than `count_rows(filter=)`
-            # here (bench/query.py), which evaluates the filter in small batches.
-            return ds.scanner(
-                filter=where or None, columns=[], with_row_id=True, batch_size=_SCAN_BATCH_ROWS
-            ).count_rows()
+            return ds.to_table(
+                columns=columns, filter=where or None, limit=limit, order_by=ordering
+            )
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
 
-    def validate_filter(self, table: str, where: str | None) -> None:
-        """Reject a bad filter before any work starts (runs it on zero rows)."""
-        if not where:
-            return
-        ds = self.table(table)
+    def count(
+        self,
+        table: str = CLIPS,
+        where: str | None = None,
+        version: int | str | None = None,
+        snapshot: str | None = None,
+    ) -> int:
+        ds, where = self.resolve(table, where, version, snapshot)
+        return _count(ds, where)
+
+    def summary(
+        self,
+        table: str = CLIPS,
+        where: str | None = None,
+        version: int | str | None = None,
+        snapshot: str | None = None,
+    ) -> FilterSummary:
+        """What a filter keeps: rows, hours of video (sum of `duration_s`) and the share of
+        the table (of the snapshot's pinned version when `snapshot` is given)."""
+        ds, where = self.resolve(table, where, version, snapshot)
+        total = ds.count_rows()
+        if "duration_s" in ds.schema.names:
+            try:
+                durations = ds.to_table(columns=["duration_s"], filter=where or None)
+            except (ValueError, OSError, RuntimeError) as err:
+                raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
+            kept = durations.num_rows
+            seconds = pc.sum(durations["duration_s"]).as_py() or 0.0
+        else:
+            kept, seconds = _count(ds, where), 0.0
+        return FilterSummary(
+            table=ds.uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".lance"),
+            version=ds.version,
+            where=where or "",
+            num_rows=kept,
+            total_rows=total,
+            hours=float(seconds) / 3600.0,
+        )
+
+    def validate_filter(
+        self, table: str, where: str | None, version: int | str | None = None
+    ) -> None:
+        """Reject a bad filter before any work starts: it must parse as exactly one boolean
+        expression over the table's columns (data_engine/filters.py), then Lance must plan
+        it (types) on zero rows."""
+        self.checked_filter(self.table(table, version=version), where)
+
+    def checked_filter(self, ds: lance.LanceDataset, where: str | None) -> str | None:
+        if where is None or not where.strip():
+            return None
+        schema = ds.schema
+        booleans = [f.name for f in schema if pa.types.is_boolean(f.type)]
         try:
-            ds.scanner(filter=where, columns=[ds.schema.names[0]], limit=0).to_table()
+            check_filter(where, schema.names, booleans)
+            ds.scanner(filter=where, columns=[schema.names[0]], limit=0).to_table()
+        except FilterError as err:
+            raise StoreError(f"--where {where!r}: {err}") from None
         except (ValueError, OSError, RuntimeError) as err:
             raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
+        return where
+
+    def resolve(
+        self,
+        table: str,
+        where: str | None,
+        version: int | str | None,
+        snapshot: str | None,
+    ) -> tuple[lance.LanceDataset, str | None]:
+        """The dataset to read (latest, a version, or a snapshot's pinned version) and the
+        checked filter (a snapshot's own filter AND `where`)."""
+        if snapshot is None:
+            ds = self.table(table, version=version)
+            return ds, self.checked_filter(ds, where)
+        if version is not None:
+            raise StoreError("--snapshot and --version: give one (a snapshot pins its version)")
+        ds, snap = self.snapshot_dataset(snapshot)
+        where = self.checked_filter(ds, where)
+        if snap.where and where:
+            return ds, f"({snap.where}) AND ({where})"
+        return ds, snap.where or where
 
     # -- snapshots -------------------------------------------------------------------------
     def create_snapshot(self, name: str, where: str | None, table: str = CLIPS) -> Snapshot:
         """Record `where` and pin the table's current version under a Lance tag, so a training
-        run reads exactly these rows even after the table grows."""
+        run reads exactly these rows even after the table grows.
+
+        Atomic: the row count is taken on the pinned version (rows appended meanwhile are not
+        counted), the tag is the claim on the name (Lance refuses a second tag of that name),
+        and the record is written last; if that write fails, the tag is removed again. A tag
+        left without a record by a killed run is reclaimed."""
         if not _SNAPSHOT_NAME.match(name):
             raise StoreError(f"--name {name!r}: use letters, digits, '_', '-', '.' (max 128)")
         if any(s.name == name for s in self.list_snapshots()):
             raise StoreError(f"--name {name!r}: a snapshot with this name already exists")
-        self.validate_filter(table, where)
         ds = self.table(table)
-        version = ds.version
-        num_rows = self.count(table, where)
-        ds.tags.create(_tag(name), version)
-        snap = Snapshot(name, table, version, where or "", num_rows, time.time())
-        self.write(SNAPSHOTS, pa.Table.from_pylist([asdict(snap)]))
+        where = self.checked_filter(ds, where)
+        num_rows = _count(ds, where)
+        tags = ds.tags.list()
+        if _tag(name) in tags:
+            ds.tags.delete(_tag(name))  # left by a run killed before its record was written
+        try:
+            ds.tags.create(_tag(name), ds.version)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise StoreError(f"--name {name!r}: {_first_line(err)}") from None
+        snap = Snapshot(name, table, ds.version, where or "", num_rows, time.time())
+        try:
+            self.write(SNAPSHOTS, pa.Table.from_pylist([asdict(snap)]))
+        except BaseException:
+            ds.tags.delete(_tag(name))
+            raise
         return snap
 
     def list_snapshots(self) -> list[Snapshot]:
@@ -256,8 +401,19 @@ class Database:
 
     def read_snapshot(self, name: str, columns: list[str] | None = None) -> pa.Table:
         """The rows the snapshot selected, at its pinned version."""
-        ds, snap = self.snapshot_dataset(name)
-        return ds.to_table(columns=columns, filter=snap.where or None)
+        return self.query(columns=columns, snapshot=name)
+
+
+def _count(ds: lance.LanceDataset, where: str | None) -> int:
+    """Rows passing a checked filter. A row-id-only scan in large batches: measured faster
+    than `count_rows(filter=)` (1M rows: 9.9 vs 21.6 ms; 10M: 88 vs 108 ms), which evaluates
+    the filter in small batches."""
+    try:
+        return ds.scanner(
+            filter=where or None, columns=[], with_row_id=True, batch_size=_SCAN_BATCH_ROWS
+        ).count_rows()
+    except (ValueError, OSError, RuntimeError) as err:
+        raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
 
 
 def _tag(snapshot_name: str) -> str:
@@ -273,9 +429,13 @@ def _check_columns(ds: lance.LanceDataset, columns: list[str] | None, order_by: 
             )
 
 
+_RUST_SOURCE = re.compile(r",\s*\S+\.rs:\d+:\d+")
+
+
 def _first_line(err: BaseException) -> str:
+    """The first line of a Lance error, without the Rust source locations it appends."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return _RUST_SOURCE.sub("", text[0]) if text else type(err).__name__
 
 
 def rows_to_json(rows: pa.Table) -> str:
