@@ -260,15 +260,18 @@ class Database:
         _check_columns(ds, columns, order_by)
         if limit is not None and limit < 0:
             raise StoreError(f"--limit: must be >= 0, got {limit}")
-        ordering = None
+        ordering, read = None, columns
         if order_by is not None:
             ordering = [ColumnOrdering(order_by, ascending=not desc, nulls_first=False)]
+            # Lance 14's top-k plan fails ("TakeExec requires ... '_rowid'") when the sort
+            # column is not projected, so it is read and dropped afterwards.
+            read = None if columns is None else list(dict.fromkeys([*columns, order_by]))
         try:
-            return ds.to_table(
-                columns=columns, filter=where or None, limit=limit, order_by=ordering
-            )
+            rows = ds.to_table(columns=read, filter=where or None, limit=limit, order_by=ordering)
         except (ValueError, OSError, RuntimeError) as err:
-            raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
+            label = f"--where {where!r}" if where else "query"
+            raise StoreError(f"{label}: {_first_line(err)}") from None
+        return rows if read == columns else rows.select(columns)
 
     def count(
         self,

@@ -157,3 +157,9 @@ def test_ensure_indexes_refreshes_after_appends(tmp_path):
     stats = db.table(CLIPS).stats.index_stats("video_id_idx")
     assert stats["num_unindexed_rows"] == 0 and stats["num_indexed_rows"] == 25
     assert db.count(CLIPS, "video_id = 'w'") == 5
+
+
+def test_top_k_on_a_column_not_selected(db):
+    """Lance's top-k plan failed when the sort column was not among the columns asked for."""
+    rows = db.query(CLIPS, None, ["clip_id"], "aesthetic_score", True, 2)
+    assert rows.column_names == ["clip_id"] and rows.num_rows == 2
