@@ -243,9 +243,14 @@ class Histogram:
     def total(self) -> int:
         return int(self.counts.sum())
 
+    def bounds(self) -> tuple[float, float]:
+        """The binned range: [low, high], or one unit around a constant value."""
+        if self.high > self.low:
+            return self.low, self.high
+        return self.low - 0.5, self.low + 0.5
+
     def edges(self) -> np.ndarray:
-        high = self.high if self.high > self.low else self.low + 1.0
-        return np.linspace(self.low, high, FINE_BINS + 1)
+        return np.linspace(*self.bounds(), FINE_BINS + 1)
 
     def display(self) -> tuple[np.ndarray, np.ndarray]:
         """(edges (DISPLAY_BINS + 1,), counts (DISPLAY_BINS,)) for the chart."""
@@ -253,10 +258,11 @@ class Histogram:
         return self.edges()[:: FINE_BINS // DISPLAY_BINS], merged
 
     def quantile(self, q: float) -> float:
-        """The q-quantile (0..1) to within one fine bin."""
+        """The q-quantile (0..1) to within one fine bin: its bin's centre, kept in range."""
         cumulative = np.cumsum(self.counts)
-        index = int(np.searchsorted(cumulative, q * cumulative[-1]))
-        return float(self.edges()[min(index + 1, FINE_BINS)])
+        index = min(int(np.searchsorted(cumulative, q * cumulative[-1])), FINE_BINS - 1)
+        edges = self.edges()
+        return float(np.clip((edges[index] + edges[index + 1]) / 2, self.low, self.high))
 
 
 @dataclass
@@ -338,7 +344,7 @@ def _count_pass(
             batch_values[hist.spec.key] = v = hist.spec.value(batch)
             if hist.high >= hist.low:
                 finite = v[np.isfinite(v)]
-                hist.counts += np.histogram(finite, FINE_BINS, (hist.low, _upper(hist)))[0]
+                hist.counts += np.histogram(finite, FINE_BINS, hist.bounds())[0]
         if CATEGORY in batch.schema.names:
             for item in pc.value_counts(batch.column(CATEGORY).fill_null("(none)")).to_pylist():
                 categories[item["values"]] = categories.get(item["values"], 0) + item["counts"]
@@ -351,7 +357,3 @@ def _count_pass(
             keys, row_ids = keys[keep], row_ids[keep]
             values = {key: v[keep] for key, v in values.items()}
     return categories, Sample(row_ids, values)
-
-
-def _upper(hist: Histogram) -> float:
-    return hist.high if hist.high > hist.low else hist.low + 1.0

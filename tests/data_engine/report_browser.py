@@ -111,21 +111,29 @@ class _Pipe:
         return json.loads(message)
 
 
+def _high_fd(fd: int) -> int:
+    """An inheritable duplicate of `fd` numbered 10 or more; `fd` is closed."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+    os.close(fd)
+    os.set_inheritable(high, True)
+    return high
+
+
 def render(index_html: Path) -> PageReport:
     """Load `index_html` from disk in headless chromium and collect what it shows."""
     commands_r, commands_w = os.pipe()
     messages_r, messages_w = os.pipe()
 
-    def wire_fds() -> None:  # in the child: fds 3 and 4 become the DevTools pipe
-        # Move both ends above 4 first: a pipe end may itself be fd 3 or 4.
-        high_r = fcntl.fcntl(commands_r, fcntl.F_DUPFD, 10)
-        high_w = fcntl.fcntl(messages_w, fcntl.F_DUPFD, 10)
-        os.dup2(high_r, 3)
-        os.dup2(high_w, 4)
-
+    # The child's pipe ends are inherited and moved to fds 3 and 4 by the shell; no
+    # preexec_fn, so subprocess spawns without fork() (lance warns on fork). Both ends are
+    # first moved to fds >= 10, so neither is itself 3 or 4 when the shell redirects.
+    commands_r, messages_w = _high_fd(commands_r), _high_fd(messages_w)
     with tempfile.TemporaryDirectory(prefix="stiv-chromium-") as profile:
         browser = subprocess.Popen(
             [
+                "/bin/bash",  # dash cannot redirect fds above 9
+                "-c",
+                f'exec "$0" "$@" 3<&{commands_r} 4>&{messages_w} {commands_r}<&- {messages_w}>&-',
                 find_chromium(),
                 "--headless",
                 "--no-sandbox",
@@ -139,7 +147,6 @@ def render(index_html: Path) -> PageReport:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=wire_fds,
             close_fds=False,
         )
         os.close(commands_r)
