@@ -26,9 +26,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stiv.config import load_config, save_config, to_dict
+from stiv.config import ConfigError, load_config, save_config, to_dict
+from training.paths import resolve_path_fields
 
 INIT_MODES = ("none", "plain", "t2v_from_t2i", "both")
+RESUME_MODES = ("auto", "require")  # auto: resume when a checkpoint exists; require: insist
+# Every path field of TrainConfig (dotted), made absolute on the driver (training/paths.py).
+TRAIN_PATH_FIELDS = ("db", "run_dir", "init_from.run_dir", "init_from.temporal_run_dir")
 
 
 # --------------------------------------------------------------------------- config
@@ -202,6 +206,50 @@ class TrainConfig:
 # --------------------------------------------------------------------------- driver helpers
 
 
+def load_train_config(
+    config_path: str | Path | None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """The stage config with every path field absolute (the one place paths are resolved:
+    workers run in their own directories, so a relative `init_from.temporal_run_dir` would
+    point elsewhere there)."""
+    cfg = load_config(TrainConfig, config_path, overrides)
+    resolve_path_fields(cfg, TRAIN_PATH_FIELDS)
+    return cfg
+
+
+def resume_checkpoint(
+    run_dir: Path, resume: str, num_workers: int, seed: int
+) -> tuple[int, Path] | None:
+    """(step, path) of the checkpoint this run continues from, or None for a fresh run.
+
+    `resume="auto"` continues when a checkpoint exists and starts fresh otherwise (what a
+    retried cluster job needs); `"require"` insists on one. The data position (which rows each
+    rank reads at each step) and the per-rank optimizer shards depend on the number of ranks and
+    the seed, so a checkpoint written under other values is refused with one line."""
+    from training.checkpoint import TRAIN_STATE_FILE, list_checkpoints
+
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"--resume: must be one of {list(RESUME_MODES)}, got {resume!r}")
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        if resume == "require":
+            raise ConfigError(f"--resume=require: no checkpoint in {run_dir}")
+        return None
+    step, path = checkpoints[-1]
+    state = json.loads((path / TRAIN_STATE_FILE).read_text())
+    differs = []
+    if "world_size" in state and int(state["world_size"]) != num_workers:
+        differs.append(f"{state['world_size']} ranks, this run has {num_workers}")
+    if "seed" in state and int(state["seed"]) != seed:
+        differs.append(f"seed {state['seed']}, this run has {seed}")
+    if differs:
+        raise ConfigError(
+            f"resume: the checkpoint at step {step} in {run_dir} was written with "
+            f"{'; '.join(differs)} (set scaling.num_workers/seed to match, or use a new run_dir)"
+        )
+    return step, path
+
+
 def read_latents_meta(db_uri: str, latents_table: str) -> dict[str, Any]:
     """The one-row meta table `stiv prepare` wrote (encoders, empty prompt)."""
     from data_engine.store import Database
@@ -252,8 +300,8 @@ def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dic
     else:
         workers = scaling.num_workers or max(1, int(spare))
     per_worker = scaling.cpus_per_worker or spare / workers
-    if per_worker <= 0 or per_worker * workers > cpus:
-        raise ValueError(
+    if per_worker <= 0 or per_worker * workers > cpus + 1e-9:
+        raise ConfigError(
             f"scaling: {workers} workers x {per_worker:.2f} CPUs do not fit {cpus:.0f} CPUs "
             f"with {scaling.data_cpus} kept for data"
         )
@@ -617,12 +665,12 @@ def run_train(
     config_path: str | Path | None,
     overrides: list[str] | None = None,
     address: str | None = None,
-    resume: bool = False,
+    resume: str = "auto",
 ) -> dict[str, Any]:
     """Train one stage; returns a summary (steps, final loss, run dir, seconds, scaling).
 
-    Rerunning the same command continues from the run's latest checkpoint; `resume=True`
-    additionally insists that one exists."""
+    Rerunning the same command continues from the run's latest checkpoint (`resume="auto"`,
+    also what `--resume` means); `resume="require"` additionally insists that one exists."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -632,25 +680,23 @@ def run_train(
     from training.prepare import ensure_ray
 
     start_s = time.time()
-    cfg = load_config(TrainConfig, config_path, overrides)
-    run_dir = Path(cfg.run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.run_dir = str(run_dir)
-    if cfg.init_from.run_dir:  # workers run in their own directories: resolve here
-        cfg.init_from.run_dir = str(Path(cfg.init_from.run_dir).absolute())
+    cfg = load_train_config(config_path, overrides)
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"--resume: must be one of {list(RESUME_MODES)}, got {resume!r}")
+    run_dir = Path(cfg.run_dir)
     meta = read_latents_meta(cfg.db, cfg.latents_table)
     model_cfg = resolve_model_config(cfg, meta)
-    checkpoints = list_checkpoints(run_dir)
-    if resume and not checkpoints:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     db = Database(cfg.db)
     table_version = cfg.data.table_version or db.table(cfg.latents_table).version
-    save_config(cfg, run_dir / "resolved_config.yaml")
-    (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
 
     started = ensure_ray(address)
     try:
         scaling = resolve_scaling(cfg.scaling, ray.cluster_resources())
+        resumed = resume_checkpoint(run_dir, resume, scaling["num_workers"], cfg.seed)
+        checkpoints = [resumed] if resumed else []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "resolved_config.yaml")
+        (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
         loop_config = {
             "config": to_dict(cfg),
             "model_config": model_cfg.to_dict(),

@@ -64,7 +64,7 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db, ray_clus
     """The training contract in three real Ray Train + DeepSpeed ZeRO-2 runs (2 CPU workers):
     (1) an uninterrupted 6-step run writes the run-directory layout, per-rank ZeRO shards and
     metrics; (2) a run whose rank 1 dies at step 3 is restarted by FailureConfig from the step-2
-    checkpoint and (3) resumed with resume=True from its step-4 checkpoint to step 6. Losses and
+    checkpoint and (3) resumed with resume="require" from its step-4 checkpoint to step 6. Losses and
     final EMA weights must equal the uninterrupted run's exactly: data order, noise and
     optimizer state all survive a restart."""
     from training.train import run_train
@@ -77,7 +77,7 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db, ray_clus
         config,
         [f"run_dir={interrupted}", "max_steps=4", "debug_kill_rank=1", "debug_kill_at_step=2"],
     )
-    resumed = run_train(config, [f"run_dir={interrupted}"], resume=True)
+    resumed = run_train(config, [f"run_dir={interrupted}"], resume="require")
     # A wall-clock budget already spent at the first metric line: every rank stops at step 1
     # and that step is checkpointed (the CPU train-demo keeps to its time limit this way).
     timed = run_train(config, [f"run_dir={tmp_path / 'runs' / 'timed'}", "max_minutes=1e-6"])
