@@ -160,20 +160,75 @@ def _read_image(path: str, height: int, width: int) -> np.ndarray:
 
 
 def _read_video_frames(path: str, count: int, stride: int, height: int, width: int) -> np.ndarray:
-    import av
+    """The clip's first `count` frames at `stride`, (count, height, width, 3) uint8 RGB.
+
+    Decoded like `stiv prepare` decodes training clips (`training.prepare.decode_windows`):
+    local paths and object stores (`s3://...`, credentials from `AWS_*`), frames rotated for
+    display by their rotation metadata, so a portrait phone clip conditions as it is seen."""
     import cv2
 
-    frames = []
-    with av.open(path) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if index % stride == 0:
-                rgb = frame.to_ndarray(format="rgb24")
-                frames.append(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA))
-            if len(frames) == count:
-                break
-    if len(frames) < count:
-        raise ValueError(f"{path}: needs {count} frames at stride {stride}, has {len(frames)}")
-    return np.stack(frames)
+    from data_engine.store import storage_options_from_env
+    from data_engine.video import VideoError
+    from stiv.config import ConfigError
+    from training.prepare import decode_windows
+
+    window = [i * stride for i in range(count)]
+    try:
+        (_, frames), *_ = decode_windows(path, [window], storage_options_from_env(path))
+    except VideoError as err:
+        raise ConfigError(
+            f"--video: needs {count} frames at stride {stride} ({err.message})"
+        ) from None
+    return np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames])
+
+
+def peek_checkpoint(path: str) -> tuple[Any, dict[str, Any]]:
+    """(STIVConfig, encoder info) of a run's latest checkpoint or an exported file, read from
+    its small JSON parts only (no weights), so bad requests fail at once."""
+    import json
+
+    from safetensors import safe_open
+
+    from model.config import STIVConfig
+    from training.checkpoint import (
+        ENCODERS_FILE,
+        MODEL_CONFIG_FILE,
+        CheckpointError,
+        latest_checkpoint,
+    )
+
+    if Path(path).is_file():
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+        if "stiv_config" not in metadata or "encoders" not in metadata:
+            raise CheckpointError(f"{path}: not an exported STIV weights file")
+        config, info = json.loads(metadata["stiv_config"]), json.loads(metadata["encoders"])
+    else:
+        ckpt = latest_checkpoint(path)
+        config = json.loads((ckpt / MODEL_CONFIG_FILE).read_text())
+        info = json.loads((ckpt / ENCODERS_FILE).read_text())
+    return STIVConfig.from_dict(config), info
+
+
+def check_shape(request: GenerateRequest, config: Any, downsample: int) -> None:
+    """Refuse sizes the model cannot take, naming the flag: latent height and width must
+    divide by the spatial patch, and a video's frames by the temporal patch (one frame is an
+    image, which every model takes)."""
+    from stiv.config import ConfigError
+
+    cell = downsample * config.patch_size
+    for flag, value in (("--height", request.height), ("--width", request.width)):
+        if value % cell:
+            raise ConfigError(
+                f"{flag}: {value} is not a multiple of {cell} (encoder downsample "
+                f"{downsample} x patch {config.patch_size}); try {max(cell, value // cell * cell)}"
+            )
+    pt = config.temporal_patch_size
+    if request.frames > 1 and request.frames % pt:
+        raise ConfigError(
+            f"--frames: {request.frames} is not a multiple of the temporal patch {pt}; "
+            f"try {max(pt, request.frames // pt * pt)}"
+        )
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> Path:
@@ -196,6 +251,8 @@ def write_strip(path: str | Path, frames: np.ndarray, scale: int = 4) -> Path:
 
 def run_generate(request: GenerateRequest) -> dict[str, Any]:
     """Generate one video for `request`; write MP4 + PNG strip; return what was written."""
+    config, info = peek_checkpoint(request.checkpoint)
+    check_shape(request, config, int(info["downsample"]))  # before any weights load
     gen = Generator(request.checkpoint)
     h, w, t = request.height, request.width, request.frames
     given: dict[int, np.ndarray] = {}

@@ -18,7 +18,10 @@ and the encoded empty prompt, which training uses for text dropout (STIV-RECIPE.
 text is the encoded empty string, not zeros).
 
 Resumable like curation: a rerun skips the clip_ids already in the latents table; a clip that
-cannot be decoded becomes a `quarantine` row (stage `prepare`) and is retried on the next run.
+cannot be decoded becomes a `quarantine` row (key `video_id/clip_id/prepare`, through
+`data_engine.quarantine`) and is retried on the next run until it has failed `max_attempts`
+times; a later success removes its row. Decode tasks hand their failures to one collector
+actor and the driver writes them in one upsert, so no two workers commit to the table at once.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from data_engine.store import QUARANTINE, Database
-from stiv.config import load_config, save_config
+from data_engine import quarantine
+from data_engine.store import Database
+from stiv.config import ConfigError, load_config, save_config
+from training.paths import resolve_path_fields
 
 # Order of the micro-conditions in `micro_cond`; must equal model.config.MICRO_COND_NAMES
 # (a test checks it, so prepare and the model cannot drift apart).
@@ -49,6 +54,10 @@ MICRO_COND_NAMES = (
     "frame_stride",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Every path field of PrepareConfig (dotted), made absolute on the driver (training/paths.py):
+# decode tasks and encoder actors run in their own directories, and the encoder paths are
+# recorded in the meta table, so a run can be sampled from any working directory.
+PREPARE_PATH_FIELDS = ("image_dir", "encoder.vae_path", "encoder.text_path")
 
 LATENTS_SCHEMA = pa.schema(
     [
@@ -133,6 +142,10 @@ class PrepareConfig:
     num_encoder_actors: int = 1  # actors per encoder pool (pre-sized: min == max)
     encoder_num_cpus: float = 1.0  # CPUs reserved per encoder actor
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+    # Decode tasks running at once (0 = as many as the cluster's CPUs allow after the encoder
+    # actors, from ray.cluster_resources() at the start, so decoding scales with the cluster).
+    decode_concurrency: int = 0
+    max_attempts: int = 3  # tries per clip before prepare stops retrying a quarantined clip
     clips_per_task: int = 16  # clips of one video decoded together (bounded, LESSONS.md)
     decode_timeout_s: float = 600.0  # time budget for decoding one task's video
 
@@ -158,6 +171,10 @@ class PrepareConfig:
             raise ValueError("num_encoder_actors: must be >= 1")
         if self.encoder_num_cpus <= 0 or self.decode_num_cpus <= 0:
             raise ValueError("encoder_num_cpus/decode_num_cpus: must be > 0")
+        if self.decode_concurrency < 0:
+            raise ValueError("decode_concurrency: must be >= 0 (0 = derived from the cluster)")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts: must be >= 1")
         if self.clips_per_task < 1 or self.decode_timeout_s <= 0:
             raise ValueError("clips_per_task/decode_timeout_s: must be >= 1 / > 0")
 
@@ -286,36 +303,58 @@ def _to_storage(x: Any, dtype: str) -> bytes:
 # --------------------------------------------------------------------------- Ray stages
 
 
+class FailureLog:
+    """Collects decode failures from every task (one Ray actor per prepare run); the driver
+    takes them at the end and upserts them into the quarantine table in one commit."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def take(self) -> list[dict[str, Any]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
 class DecodeCrop:
     """Reads one task item (a video, or an image, and its clips' windows and buckets); writes one
     row per clip: frames cropped to the bucket (bytes) + micro_cond. Each video is decoded once
-    per task. A clip that cannot be decoded becomes a quarantine row instead of failing the job.
+    per task. A clip that cannot be decoded is sent to the failure log (a quarantine row, written
+    by the driver) instead of failing the job.
     """
 
     def __init__(
-        self, db_uri: str, storage_options: dict[str, str] | None, stride: int, timeout_s: float
+        self,
+        storage_options: dict[str, str] | None,
+        stride: int,
+        timeout_s: float,
+        failure_log: Any = None,
     ) -> None:
-        self.db_uri = db_uri
         self.storage_options = storage_options
         self.stride = stride
         self.timeout_s = timeout_s
+        self.failure_log = failure_log  # FailureLog actor handle (None: raise instead)
 
     def _quarantine(
         self, item: dict[str, Any], clips: list[dict[str, Any]], err: Exception
     ) -> None:
+        import ray
+
+        if self.failure_log is None:
+            raise err
         rows = [
             {
                 "uri": item["uri"],
-                "video_id": item.get("video_id"),
+                "video_id": item.get("video_id") or clip["clip_id"],
                 "clip_id": clip["clip_id"],
-                "stage": "prepare",
                 "error_type": getattr(err, "error_type", type(err).__name__),
-                "message": str(err)[:500],
-                "attempts": 1,
+                "message": str(err),
             }
             for clip in clips
         ]
-        Database(self.db_uri, self.storage_options).write(QUARANTINE, pa.Table.from_pylist(rows))
+        ray.get(self.failure_log.add.remote(rows))  # recorded before the task reports done
 
     def _row(self, clip: dict[str, Any], frames: np.ndarray) -> dict[str, Any]:
         bucket = BucketConfig(int(clip["num_frames"]), int(clip["height"]), int(clip["width"]))
@@ -453,23 +492,46 @@ def _source_rows(db: Database, cfg: PrepareConfig) -> pa.Table:
             )
         return pa.Table.from_pylist(rows)
     if not cfg.snapshot:
-        raise ValueError("snapshot: name the snapshot to prepare (--snapshot or `snapshot:`)")
+        raise ConfigError("snapshot: name the snapshot to prepare (--snapshot or `snapshot:`)")
     columns = ["clip_id", "video_id", "uri", "start_frame", "end_frame", "width", "height"]
     table = db.read_snapshot(cfg.snapshot)
     if cfg.caption_column not in table.column_names:
-        raise ValueError(f"caption_column: the clips table has no column {cfg.caption_column!r}")
+        raise ConfigError(
+            f"caption_column: snapshot {cfg.snapshot!r} has no column {cfg.caption_column!r} "
+            "(caption the clips with `stiv curate --stages caption`, or set caption_column)"
+        )
     return table.select([*columns, cfg.caption_column]).rename_columns([*columns, "caption"])
 
 
+def prepare_key(row: dict[str, Any]) -> str:
+    """The clip's quarantine key, `video_id/clip_id/prepare` (images from a directory have no
+    video: their clip_id stands in)."""
+    return quarantine.quarantine_key(
+        row.get("video_id") or row["clip_id"], row["clip_id"], "prepare"
+    )
+
+
 def _plan(
-    source: pa.Table, cfg: PrepareConfig, done: set[str]
+    source: pa.Table,
+    cfg: PrepareConfig,
+    done: set[str],
+    attempts: dict[str, int] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
-    """Assign a bucket to each row still to do; count what is skipped and why."""
-    counts = {"already_done": 0, "skipped_no_caption": 0, "skipped_too_short": 0}
+    """Assign a bucket to each row still to do; count what is skipped and why (a clip that
+    already failed `max_attempts` times is not tried again)."""
+    counts = {
+        "already_done": 0,
+        "skipped_no_caption": 0,
+        "skipped_too_short": 0,
+        "skipped_out_of_attempts": 0,
+    }
     todo = []
     for row in source.to_pylist():
         if row["clip_id"] in done:
             counts["already_done"] += 1
+            continue
+        if quarantine.out_of_attempts(attempts or {}, prepare_key(row), cfg.max_attempts):
+            counts["skipped_out_of_attempts"] += 1
             continue
         if not row["caption"]:
             counts["skipped_no_caption"] += 1
@@ -554,11 +616,35 @@ def _write_meta(db: Database, cfg: PrepareConfig) -> None:
         old = db.table(name).to_table().to_pylist()[0]
         for key in ("latent_encoder", "text_encoder", "latent_channels", "text_dim", "text_len"):
             if old[key] != row[key]:
-                raise ValueError(
+                raise ConfigError(
                     f"latents_table: {cfg.latents_table!r} was prepared with {key}={old[key]!r}, "
                     f"this config gives {row[key]!r}; use a new latents_table"
                 )
     db.write(name, pa.Table.from_pylist([row]), mode="overwrite")
+
+
+def load_prepare_config(
+    config_path: str | Path | None, overrides: list[str] | None = None
+) -> PrepareConfig:
+    """The prepare config with every path field absolute (the one place they are resolved)."""
+    cfg = load_config(PrepareConfig, config_path, overrides)
+    resolve_path_fields(cfg, PREPARE_PATH_FIELDS)
+    return cfg
+
+
+def decode_item(item: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
+    """One decode task (Ray Data flat_map): `DecodeCrop(**kwargs)(item)`."""
+    return DecodeCrop(**kwargs)(item)
+
+
+def decode_concurrency(cfg: PrepareConfig, resources: dict[str, float]) -> int:
+    """Decode tasks at once: `decode_concurrency`, or every CPU the cluster has left after the
+    two encoder pools (at least one), so decoding grows with the cluster as curation does."""
+    if cfg.decode_concurrency:
+        return cfg.decode_concurrency
+    encoder_cpus = 2 * cfg.num_encoder_actors * cfg.encoder_num_cpus
+    spare = float(resources.get("CPU", 1)) - encoder_cpus
+    return max(1, int(spare // cfg.decode_num_cpus + 1e-9))
 
 
 def ensure_ray(address: str | None) -> bool:
@@ -588,36 +674,39 @@ def run_prepare(
 
     start_s = time.time()
     extra = [*(overrides or []), *([f"snapshot={snapshot}"] if snapshot else [])]
-    cfg = load_config(PrepareConfig, config_path, extra)
+    cfg = load_prepare_config(config_path, extra)
     db = Database(db_uri)
     source = _source_rows(db, cfg)
     done: set[str] = set()
     if db.has_table(cfg.latents_table):
         done = set(db.table(cfg.latents_table).to_table(columns=["clip_id"])["clip_id"].to_pylist())
-    todo, counts = _plan(source, cfg, done)
+    attempts = quarantine.load_attempts(db)
+    todo, counts = _plan(source, cfg, done, attempts)
     _write_meta(db, cfg)
     run_dir = Path(db.uri) / "_prepare" / cfg.latents_table if "://" not in db.uri else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "resolved_config.yaml")
 
-    written = 0
+    written, failures = 0, []
     if todo:
         started = ensure_ray(address)
         try:
             encoder = {k: getattr(cfg.encoder, k) for k in EncoderConfig.__dataclass_fields__}
             items = group_tasks(todo, cfg.clips_per_task)
+            failure_log = ray.remote(num_cpus=0)(FailureLog).remote()
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+            # Plain tasks, as many at once as the cluster's CPUs allow (decode_concurrency).
             ds = ds.flat_map(
-                DecodeCrop,
-                fn_constructor_kwargs={
-                    "db_uri": db.uri,
+                decode_item,
+                fn_kwargs={
                     "storage_options": db.storage_options,
                     "stride": cfg.frame_stride,
                     "timeout_s": cfg.decode_timeout_s,
+                    "failure_log": failure_log,
                 },
-                compute=ray.data.ActorPoolStrategy(size=1),
                 num_cpus=cfg.decode_num_cpus,
+                concurrency=min(len(items), decode_concurrency(cfg, ray.cluster_resources())),
             )
             ds = ds.map_batches(
                 LatentEncodeActor,
@@ -652,9 +741,24 @@ def run_prepare(
             )
             if db.has_table(cfg.latents_table):
                 written = db.table(cfg.latents_table).count_rows() - before
+            failures = ray.get(failure_log.take.remote())
         finally:
             if started:
                 ray.shutdown()
+
+    # One upsert from the driver: attempts counted per key, earlier rows replaced.
+    quarantine.record(
+        db,
+        [
+            quarantine.Failure(f["uri"], f["video_id"], f["clip_id"], "prepare",
+                               f["error_type"], f["message"])
+            for f in failures
+        ],
+        attempts,
+    )  # fmt: skip
+    failed = {f["clip_id"] for f in failures}
+    recovered = [prepare_key(c) for c in todo if c["clip_id"] not in failed]
+    quarantine.clear(db, [k for k in recovered if k in attempts])
 
     buckets: dict[str, int] = {}
     if db.has_table(cfg.latents_table):
@@ -664,7 +768,7 @@ def run_prepare(
         "latents_table": cfg.latents_table,
         "source_rows": source.num_rows,
         "written": written,
-        "quarantined": len(todo) - written,
+        "quarantined": len(failed),
         **counts,
         "buckets": buckets,
         "seconds": round(time.time() - start_s, 2),

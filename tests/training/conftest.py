@@ -142,3 +142,67 @@ def train_db(tmp_path_factory, tiny_encoders) -> str:
             ray.shutdown()
     assert summary["buckets"] == {"f8x16x16": 8, "f8x16x24": 8}, summary
     return db.uri
+
+
+def write_fake_run(run_dir: Path, meta: dict, preset: str = "stiv-tiny", step: int = 1) -> Path:
+    """A run directory in the layout training writes (EMA weights, model config, train state,
+    encoders from a latents meta row), with a seeded untrained model: enough for generation,
+    export and resume checks without a Ray Train run."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from model.config import get_preset
+    from model.network import STIV
+    from training.checkpoint import write_encoders
+
+    torch.manual_seed(0)
+    model = STIV(
+        get_preset(preset, in_channels=int(meta["latent_channels"]), text_dim=int(meta["text_dim"]),
+                   max_text_tokens=int(meta["text_len"]))
+    )  # fmt: skip
+    ckpt = run_dir / f"checkpoint_{step:08d}"
+    ckpt.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors")
+    )
+    (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
+    (ckpt / "train_state.json").write_text(json.dumps({"step": step, "table_version": 1}))
+    write_encoders(ckpt, meta)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def relative_run(tmp_path_factory) -> dict[str, Path]:
+    """A database and a run prepared from a config whose encoder path is *relative* to the
+    working directory it was run from (`root`): the clips table has one clip without a
+    caption, so prepare writes only its meta row and needs no Ray. Also a database whose
+    snapshot has no caption and no DSG columns at all (for the CLI error checks)."""
+    import os
+
+    from training.prepare import meta_table_name, run_prepare
+
+    root = tmp_path_factory.mktemp("relative")
+    make_tiny_text_encoder(root / "models" / "text")
+    row = {"clip_id": "c0", "video_id": "v0", "uri": str(root / "none.mp4"), "start_frame": 0,
+           "end_frame": 40, "fps": 24.0, "width": 64, "height": 48, "duration_s": 40 / 24}  # fmt: skip
+    plain = Database(root / "plain-db")
+    plain.write(CLIPS, pa.Table.from_pylist([row]))
+    plain.create_snapshot("all", None)
+    db = Database(root / "db")
+    db.write(CLIPS, pa.Table.from_pylist([{**row, "caption": None}]))
+    db.create_snapshot("all", None)
+    (root / "prepare.yaml").write_text(
+        "latents_table: latents\nframe_stride: 1\nbuckets: [{num_frames: 8, height: 16, width: 16}]\n"
+        "encoder: {kind: pixel, pixel_patch: 2, text_path: models/text, text_max_length: 16}\n"
+    )
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_prepare("db", "all", "prepare.yaml")
+    finally:
+        os.chdir(cwd)
+    meta = db.table(meta_table_name("latents")).to_table().to_pylist()[0]
+    run = write_fake_run(root / "run", meta)
+    return {"root": root, "db": Path(db.uri), "plain_db": Path(plain.uri), "run": run}

@@ -213,3 +213,52 @@ def test_tiny_text_encoder_words_become_single_tokens(tmp_path):
     direction_change = (encoded.tokens[0, 5] - encoded.tokens[1, 5]).norm()
     colour_change = (colours.tokens[0, 2] - colours.tokens[1, 2]).norm()
     assert direction_change > 0.5 * colour_change
+
+
+def test_prepare_quarantine_upserts_counts_attempts_and_stops(tmp_path, tiny_encoders, ray_cluster):
+    """A clip that keeps failing keeps ONE quarantine row (key video_id/clip_id/prepare) whose
+    attempts count up on each rerun, and after `max_attempts` it is no longer tried; the good
+    clip is prepared once. Before, every rerun appended another row with attempts 1."""
+    import pyarrow as pa
+
+    from data_engine.samples import write_video
+    from data_engine.store import CLIPS
+
+    good = tmp_path / "good.mp4"
+    frames = [np.full((48, 64, 3), 40 + 5 * i, np.uint8) for i in range(40)]
+    write_video(good, frames, fps=24)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video" * 100)
+    row = {"video_id": "v-good", "uri": str(good), "start_frame": 0, "end_frame": 40, "fps": 24.0,
+           "width": 64, "height": 48, "duration_s": 40 / 24, "caption": "a red square"}  # fmt: skip
+    db = Database(tmp_path / "db")
+    db.write(CLIPS, pa.Table.from_pylist([
+        {**row, "clip_id": "c-good"},
+        {**row, "clip_id": "c-broken", "video_id": "v-broken", "uri": str(broken)},
+    ]))  # fmt: skip
+    db.create_snapshot("all", None)
+    config = _config(tmp_path, tiny_encoders["text"], VIDEO_CFG + "max_attempts: 2\n")
+    summaries = [run_prepare(db.uri, "all", config) for _ in range(3)]
+    assert [s["quarantined"] for s in summaries] == [1, 1, 0]
+    assert [s["written"] for s in summaries] == [1, 0, 0]
+    assert summaries[2]["skipped_out_of_attempts"] == 1
+    rows = db.query("quarantine").to_pylist()
+    assert [(r["quarantine_id"], r["stage"], r["attempts"]) for r in rows] == [
+        ("v-broken/c-broken/prepare", "prepare", 2)
+    ]
+
+
+def test_decode_concurrency_scales_with_the_cluster():
+    """Decoding is no longer one actor for the whole cluster: by default every CPU left after
+    the encoder pools decodes; a configured value wins."""
+    from stiv.config import load_config
+    from training.prepare import PrepareConfig, decode_concurrency
+
+    def cfg(**fields):
+        return load_config(PrepareConfig, base={"encoder": {"text_path": "t"}, **fields})
+
+    ones = cfg(decode_num_cpus=1.0, encoder_num_cpus=1.0)
+    assert decode_concurrency(ones, {"CPU": 2}) == 1
+    assert decode_concurrency(ones, {"CPU": 64}) == 62
+    assert decode_concurrency(cfg(decode_num_cpus=0.5, encoder_num_cpus=0.5), {"CPU": 2}) == 2
+    assert decode_concurrency(cfg(decode_concurrency=5), {"CPU": 64}) == 5

@@ -1,0 +1,69 @@
+"""The CLI contract's error promise, through the console script itself: a command that cannot
+run exits 2 with one line on stderr, never a traceback (shared ARCHITECTURE.md, CLI contract)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STIV = [sys.executable, "-m", "stiv.cli"]
+
+
+def _cases(run: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
+    db, plain, checkpoint = str(run["db"]), str(run["plain_db"]), str(run["run"])
+    generate = ["generate", "--checkpoint", checkpoint, "--prompt", "x", "--steps", "1"]
+    return {
+        "curate: bad --set": ["curate", str(tmp), "--db", str(tmp / "db"),
+                              "--set", "split.min_clip_s=-1"],
+        "query: unknown column in --where": ["query", "--db", plain, "--where", "nope > 1"],
+        "snapshot create: bad --where": ["snapshot", "create", "--db", plain, "--name", "s",
+                                         "--where", "nope > 1"],
+        "model-info: unknown preset": ["model-info", "--preset", "stiv-nope"],
+        "dsg-report: no DSG columns": ["dsg-report", "--db", plain],
+        "prepare: no caption column": ["prepare", "--db", plain, "--snapshot", "all",
+                                       "--config", "pipelines/prepare-tiny-cpu.yaml"],
+        "train: bad zero stage": ["train", "--config", "pipelines/train-t2v-tiny-cpu.yaml",
+                                  "--set", "scaling.zero_stage=3"],
+        "train: no latents table yet": [
+            "train", "--config", "pipelines/train-t2v-tiny-cpu.yaml", "--resume=require",
+            "--set", f"db={db}", "--set", f"run_dir={tmp / 'fresh'}"],
+        "generate: odd frame count": [*generate, "--frames", "7", "--height", "16", "--width", "16"],
+        "generate: odd size": [*generate, "--frames", "4", "--height", "18", "--width", "16"],
+        "generate: missing run": ["generate", "--checkpoint", str(tmp / "none"), "--prompt", "x"],
+        "export: missing run": ["export", "--run", str(tmp / "none"), "--out", str(tmp / "m.safetensors")],
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_every_subcommand_fails_with_one_line(relative_run, tmp_path):
+    """Each subcommand with arguments that parse but cannot work (unknown preset, missing
+    columns, odd shapes, missing runs, ...): exit code 2, exactly one stderr line naming the
+    problem, no traceback. Runs the real console script in subprocesses, as a user does."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*STIV, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    cases = _cases(relative_run, tmp_path)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(cases, pool.map(run, cases.values())))
+    failures = []
+    for name, result in results.items():
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        ok = (
+            result.returncode == 2
+            and len(lines) == 1
+            and lines[0].startswith("stiv ")
+            and "Traceback" not in result.stderr
+        )
+        if not ok:
+            failures.append(f"{name}: rc={result.returncode} stderr={result.stderr[-600:]!r}")
+    assert not failures, "\n".join(failures)
