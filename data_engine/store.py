@@ -321,6 +321,8 @@ class Database:
         self.checked_filter(self.table(table, version=version), where)
 
     def checked_filter(self, ds: lance.LanceDataset, where: str | None) -> str | None:
+        """`where` checked against `ds` (one boolean expression, known columns, planned by
+        Lance on zero rows), or None for an empty filter; raises `StoreError`."""
         if where is None or not where.strip():
             return None
         schema = ds.schema
