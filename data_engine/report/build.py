@@ -1,24 +1,10 @@
-"""`stiv report`: a self-contained HTML curation report, opened from disk with no server.
-
-It shows what the scores mean before anyone picks thresholds: one histogram per score with the
-thresholds of every snapshot marked and clip thumbnails from its low, middle and high deciles,
-then the snapshots, DSG-Video, quarantine and near-duplicates.
-
-Why matplotlib (Agg backend, SVG inlined into the page): it is a well-kept plotting library
-that draws offline with no browser and no JavaScript, so the page needs no script at all and
-passes a Content-Security-Policy that forbids every remote load; SVG stays sharp and small
-(text kept as text), and its bars are elements a browser test can count. Vega-Lite or Plotly
-would need their JavaScript bundles inlined (megabytes) to render the same charts offline.
-
-Cost on a large table (see bench/report.py): histograms come from one projected scan of the
-score columns (two streaming passes, bounded memory, `scan.py`); thumbnails come from a uniform
-sample and are capped by `max_thumbnails`; every other section reads a bounded number of rows.
-"""
+"""`write_report`: gathers every section, plans and decodes thumbnails, writes the page."""
 
 from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -247,14 +233,16 @@ def write_report(
     clips_by_row = {int(r.pop("_rowid")): r for r in sampled.to_pylist()}
     planner = _plan_thumbnails(db, scan, clips_by_row, dsg, duplicates, max_thumbnails)
     requests = list(planner.chosen.values())
-    write_thumbnails(requests, thumbs_dir, THUMB_HEIGHT_PX, progress=progress)
-
-    marks = _marks(snapshots, selection.where, "this report's filter")
-    chart_list = _charts(scan, marks, clips_by_row, planner)
-    category = None
-    if scan.categories is not None:
-        svg, bars = charts.category_svg(scan.categories)
-        category = page.Chart("category", "Categories", svg, bars, "", None)
+    # Decode in a thread while the charts draw: PyAV releases the GIL while it decodes.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        decoding = pool.submit(write_thumbnails, requests, thumbs_dir, THUMB_HEIGHT_PX, progress)
+        marks = _marks(snapshots, selection.where, "this report's filter")
+        chart_list = _charts(scan, marks, clips_by_row, planner)
+        category = None
+        if scan.categories is not None:
+            svg, bars = charts.category_svg(scan.categories)
+            category = page.Chart("category", "Categories", svg, bars, "", None)
+        decoding.result()
     absent = [
         f"{s.title}: no {', '.join(s.columns)} column in the clips table." for s in scan.absent
     ]
@@ -335,9 +323,7 @@ def _write_json(
             if h.total
         },
         "categories": scan.categories,
+        "thumb_height_px": THUMB_HEIGHT_PX,
         "thumbnails": [asdict(r) for r in requests],
     }
     path.write_text(page.dumps(record), encoding="utf-8")
-
-
-__all__ = ["DEFAULT_MAX_THUMBNAILS", "ReportSummary", "write_report"]

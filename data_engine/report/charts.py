@@ -12,10 +12,11 @@ import re
 
 import matplotlib
 
-matplotlib.use("Agg")  # no display and no GUI toolkit: the report is written from a shell
+matplotlib.use("Agg")  # never a GUI toolkit, whatever else imports pyplot in this process
 
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from data_engine.report.scan import Threshold
 
@@ -31,11 +32,10 @@ _MARK_COLOURS = ("#c44e52", "#dd8452", "#55a868", "#8172b3", "#937860", "#da8bc3
 _SIZE_IN = (6.4, 2.4)  # figure size (inches) at 100 dpi: 640 x 240 CSS pixels
 
 
-def _svg_text(fig: plt.Figure, prefix: str) -> str:
+def _svg_text(fig: Figure, prefix: str) -> str:
     """The figure as an <svg> element (no XML prolog), every id prefixed with `prefix`."""
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(fig)
+    fig.savefig(buffer, format="svg")  # fixed margins: "tight" would draw twice
     text = buffer.getvalue()
     text = text[text.index("<svg") :]
     text = re.sub(r'id="([^"]+)"', rf'id="{prefix}-\1"', text)
@@ -55,8 +55,9 @@ def histogram_svg(
     marks: (label, threshold) pairs; each becomes a dashed vertical line with its label.
     Only non-empty bins are drawn as bars.
     """
-    with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=_SIZE_IN)
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=_SIZE_IN)
+        ax = fig.subplots()
         nonzero = np.flatnonzero(counts)
         bars = ax.bar(
             edges[:-1][nonzero],
@@ -72,10 +73,11 @@ def histogram_svg(
         ax.set_xlabel(unit)
         ax.set_ylabel("clips")
         ax.margins(x=0.02)
+        fig.subplots_adjust(left=0.1, right=0.98, bottom=0.2, top=0.96)
         return _svg_text(fig, f"chart-{key}"), len(bars)
 
 
-def _draw_marks(ax: plt.Axes, marks: list[tuple[str, Threshold]]) -> None:
+def _draw_marks(ax: Axes, marks: list[tuple[str, Threshold]]) -> None:
     labels: dict[str, str] = {}
     for label, threshold in marks:
         labels.setdefault(label, _MARK_COLOURS[len(labels) % len(_MARK_COLOURS)])
@@ -98,10 +100,13 @@ def category_svg(counts: dict[str, int]) -> tuple[str, int]:
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     names = [name for name, _ in ordered][::-1]
     values = [value for _, value in ordered][::-1]
-    with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(_SIZE_IN[0], max(1.2, 0.28 * len(names) + 0.6)))
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(_SIZE_IN[0], max(1.2, 0.28 * len(names) + 0.6)))
+        ax = fig.subplots()
         bars = ax.barh(names, values, color=_BAR_COLOUR)
         for index, bar in enumerate(bars):
             bar.set_gid(f"bar-{index}")
         ax.set_xlabel("clips")
+        longest = max((len(n) for n in names), default=1)
+        fig.subplots_adjust(left=min(0.5, 0.03 + 0.0125 * longest), right=0.97, bottom=0.25)
         return _svg_text(fig, "chart-category"), len(bars)

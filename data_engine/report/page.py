@@ -41,7 +41,7 @@ h2 a,h3 a{color:inherit;text-decoration:none}h2 a:hover::after,h3 a:hover::after
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d5d9e0;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#eef0f4}td.n{text-align:right}
 .chart{background:#fff;border:1px solid #d5d9e0;padding:8px;margin:10px 0}
-.chart svg{max-width:100%;height:auto}
+.chart svg{width:100%;max-width:900px;height:auto}
 .strip{display:flex;flex-wrap:wrap;gap:8px}.thumb{margin:0;font-size:12px;max-width:420px}
 .thumb img{display:block;max-height:96px;border:1px solid #bbb}.missing{color:#8a6d3b}
 .note{color:#5a6270}.absent{color:#8a6d3b;font-style:italic}

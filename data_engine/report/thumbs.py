@@ -48,6 +48,10 @@ class ThumbRequest:
     error: str = ""  # why no image was written
 
 
+# What a request is made of (the rest is filled in by `write_thumbnails`): report.json lists it.
+THUMB_FIELDS = ("clip_id", "uri", "times_s", "rotation_deg", "strip")
+
+
 def clip_times(start_s: float, end_s: float, num_frames: int) -> list[float]:
     """`num_frames` times spread over [start_s, end_s): the centres of equal parts."""
     span = max(end_s - start_s, 0.0)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageStat
 
-from data_engine.report import write_report
+from data_engine.report.build import write_report
 from data_engine.report.page import SECTIONS
 from data_engine.report.scan import (
     HISTOGRAMS,

@@ -1,0 +1,21 @@
+"""`stiv report`: a self-contained HTML curation report, opened from disk with no server.
+
+It shows what the scores mean before anyone picks thresholds: one histogram per score with the
+thresholds of every snapshot marked and clip thumbnails from its low, middle and high deciles,
+then the snapshots, DSG-Video, quarantine and near-duplicates.
+
+Why matplotlib (Agg backend, SVG inlined into the page): it is a well-kept plotting library
+that draws offline with no browser and no JavaScript, so the page needs no script at all and
+passes a Content-Security-Policy that forbids every remote load; SVG stays sharp and small
+(text kept as text), and its bars are elements a browser test can count. Vega-Lite or Plotly
+would need their JavaScript bundles inlined (megabytes) to render the same charts offline.
+
+Cost on a large table (see bench/report.py): histograms come from one projected scan of the
+score columns (two streaming passes, bounded memory, `scan.py`); thumbnails come from a uniform
+sample and are capped by `max_thumbnails`; every other section reads a bounded number of rows.
+
+Modules: `scan` (selection, streaming score scan, sample, snapshot thresholds), `sections` (what
+each section says), `thumbs` (PyAV decoding), `charts` (matplotlib), `page` (HTML), `build`
+(`write_report`, which `stiv report` calls). This package file imports nothing, so the
+thumbnail decoder loads without matplotlib (bench/report.py times it alone).
+"""
