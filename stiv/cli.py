@@ -163,6 +163,16 @@ def cmd_dsg_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from data_engine.report.build import write_report
+
+    summary = write_report(
+        args.db, args.out, args.where, args.snapshot, max_thumbnails=args.max_thumbnails
+    )
+    print(summary.render())
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from training.prepare import run_prepare
 
@@ -266,6 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--where")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_dsg_report)
+
+    p = sub.add_parser("report", help="write a self-contained HTML curation report")
+    p.add_argument("--db", required=True)
+    chosen = p.add_mutually_exclusive_group()
+    chosen.add_argument("--where", help="report on the clips this SQL filter selects")
+    chosen.add_argument("--snapshot", help="report on a snapshot's rows at its pinned version")
+    p.add_argument("--out", required=True, help="directory for index.html and its images")
+    p.add_argument(
+        "--max-thumbnails", type=int, default=80, help="clips decoded at most (all sections)"
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("prepare", help="encode a snapshot's clips into a latents table")
     p.add_argument("--db", required=True)
