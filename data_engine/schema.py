@@ -46,6 +46,8 @@ CLIP_CORE_SCHEMA = pa.schema(
         ("height", pa.int64()),
         ("orientation", pa.string()),
         ("sampling_provenance", pa.string()),
+        ("sample_frames", pa.list_(pa.int64())),  # frames the scorers saw (null: none sampled)
+        ("sample_pair_frames", pa.list_(pa.int64())),  # each one's optical-flow pair frame
     ]
 )
 

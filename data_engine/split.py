@@ -1,14 +1,21 @@
 """Scene splitting: PySceneDetect's detectors fed by our own fast PyAV decode.
 
 PySceneDetect's CLI decodes every frame to full-resolution BGR with OpenCV, then resizes it with
-`cv2.resize`. We decode the same frames with FFmpeg's threading and let swscale convert YUV
-straight to the small BGR frame the detectors need (one pass, no full-size BGR image), then
-call the detectors' own `process_frame`. Frame numbers are the count of decoded frames, exactly
+`cv2.resize`. We decode the same frames with PyAV, shrink the decoder's own Y, U and V planes
+with `cv2.resize(INTER_AREA)` and convert only the small picture to BGR
+(`data_engine.video.frame_to_array`): the
+full-size colour conversion, which costs more than decoding H.264, never happens
+(docs/design-notes.md, "Where decode time goes"). The detectors' own `process_frame` then runs
+on that small frame. Frame numbers are the count of decoded frames, exactly
 as PySceneDetect's OpenCV backend numbers them, so cuts compare one to one with its CLI.
 
 Cuts come from AdaptiveDetector (or ContentDetector); fades through black from
 ThresholdDetector, whose fade-out/fade-in crossings we read to drop the dark frames entirely.
 Then: trim a few frames at every transition, drop short clips, chunk long ones.
+
+`SceneTracker` does all of this online, one frame at a time, so the streaming pass over a video
+(`data_engine.scan`) can close a shot's clips as soon as the shot ends; `run_detectors` +
+`shape_clips` are the same rules over a whole video at once.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from av.video.reformatter import VideoReformatter
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, ThresholdDetector
 from scenedetect import detect as scenedetect_detect
@@ -30,6 +38,8 @@ from data_engine.video import (
     VideoError,
     VideoInfo,
     decode_frames,
+    even_size,
+    frame_to_array,
     open_container,
     video_stream,
 )
@@ -52,7 +62,10 @@ class SplitConfig:
     max_clip_s: float = 20.0  # longer scenes are cut into equal windows of at most this (seconds)
     trim_frames: int = 2  # frames dropped on each side of every cut or fade (frames)
     downscale: int = 0  # detection downscale factor; 0 = PySceneDetect's auto (~256 px wide)
-    timeout_s: float = 600.0  # decode budget per video for detection (seconds)
+    timeout_s: float = 60.0  # decode budget per video: this base (seconds) ...
+    timeout_per_video_s: float = 2.0  # ... plus this many seconds per second of video
+    decode_threads: int = 0  # FFmpeg decoder threads per video; 0 = the task's CPUs (rounded up)
+    long_shot_factor: int = 2  # an unbroken shot is closed every this many max_clip_s (memory)
 
     def __post_init__(self) -> None:
         if self.detector not in ("adaptive", "content"):
@@ -77,6 +90,17 @@ class SplitConfig:
             raise ValueError("split.downscale: must be >= 0 (0 = auto)")
         if self.timeout_s <= 0:
             raise ValueError("split.timeout_s: must be > 0 seconds")
+        if self.timeout_per_video_s < 0:
+            raise ValueError("split.timeout_per_video_s: must be >= 0 seconds per second")
+        if self.decode_threads < 0:
+            raise ValueError("split.decode_threads: must be >= 0 (0 = the task's CPUs)")
+        if self.long_shot_factor < 1:
+            raise ValueError("split.long_shot_factor: must be >= 1")
+
+    def budget_s(self, duration_s: float) -> float:
+        """Decode budget for a video of `duration_s` seconds: a three-hour film gets hours, a
+        decode that hangs is still stopped."""
+        return self.timeout_s + self.timeout_per_video_s * max(0.0, duration_s)
 
 
 @dataclass
@@ -107,6 +131,104 @@ def detection_size(width: int, height: int, downscale: int) -> tuple[int, int]:
     return max(1, round(width / factor)), max(1, round(height / factor))
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of frames [start, end) with no cut and no dark frame inside; `trim_start` and
+    `trim_end` say whether each side is a transition (cut or fade), where frames are trimmed."""
+
+    start: int
+    end: int
+    trim_start: bool
+    trim_end: bool
+
+
+class SceneTracker:
+    """Cut and fade detection one frame at a time, closing segments as soon as they end.
+
+    `push(index, small_bgr_image)` feeds the next decoded frame (indices count decoded frames
+    from 0, as PySceneDetect numbers them) and returns the segments that closed; `finish()`
+    closes the last one. Hard cuts come from AdaptiveDetector/ContentDetector (reported a few
+    frames late: AdaptiveDetector looks `window_width` frames ahead), dark stretches from
+    ThresholdDetector's fade-out/fade-in crossings. An unbroken shot is closed every
+    `long_shot_factor * max_clip_s` (a segment boundary that is not a transition, so nothing
+    is trimmed there): the streaming pass then never holds a long shot's frames for ever.
+    """
+
+    # Frames between the newest frame and a forced boundary: more than any detector's lookahead,
+    # so a late-reported cut can never land before a boundary already placed.
+    FORCE_LAG_FRAMES = 8
+
+    def __init__(self, cfg: SplitConfig, fps: float) -> None:
+        self.cfg = cfg
+        self.fps = Fraction(fps).limit_denominator(1001 * 1000)
+        self.cut_detector = _cut_detector(cfg)
+        self.fade_detector = ThresholdDetector(threshold=cfg.fade_threshold, min_scene_len=0)
+        max_len = max(1, math.floor(cfg.max_clip_s * fps + 1e-9))
+        self.force_len = cfg.long_shot_factor * max_len
+        self.cuts: list[int] = []
+        self.dark_ranges: list[tuple[int, int]] = []
+        self.open_start = 0  # first frame of the open segment
+        self.open_trim = False  # the open segment starts at a transition
+        self.dark_start: int | None = None  # set while inside a dark stretch
+        self.num_frames = 0
+
+    @property
+    def in_dark(self) -> bool:
+        return self.dark_start is not None
+
+    def _close(self, end: int, trim_end: bool) -> list[Segment]:
+        if self.in_dark or end <= self.open_start:
+            return []
+        return [Segment(self.open_start, end, self.open_trim, trim_end)]
+
+    def _cut(self, cut: int) -> list[Segment]:
+        if cut <= self.open_start or self.in_dark:
+            return []  # a cut inside a dark stretch, or at a boundary already placed
+        closed = self._close(cut, True)
+        self.open_start, self.open_trim = cut, True
+        return closed
+
+    def push(self, index: int, image: np.ndarray) -> list[Segment]:
+        timecode = FrameTimecode(index, fps=self.fps)
+        self.num_frames = index + 1
+        closed: list[Segment] = []
+        for tc in self.cut_detector.process_frame(timecode, image):
+            self.cuts.append(tc.frame_num)
+            closed += self._cut(tc.frame_num)
+        if self.cfg.fade_enabled:
+            self.fade_detector.process_frame(timecode, image)
+            fade_type = self.fade_detector.last_fade["type"]
+            if fade_type == "out" and self.dark_start is None:
+                dark_start = self.fade_detector.last_fade["frame"].frame_num
+                closed += self._close(dark_start, True)
+                self.dark_start = dark_start
+            elif fade_type == "in" and self.dark_start is not None:
+                self.dark_ranges.append((self.dark_start, index))
+                self.dark_start = None
+                self.open_start, self.open_trim = index, True
+        boundary = index - self.FORCE_LAG_FRAMES
+        if not self.in_dark and boundary - self.open_start >= self.force_len:
+            closed += self._close(boundary, False)
+            self.open_start, self.open_trim = boundary, False
+        return closed
+
+    def finish(self) -> list[Segment]:
+        """Close the last segment at the end of the video (no trim at the video's end)."""
+        closed: list[Segment] = []
+        if self.num_frames == 0:
+            return closed
+        end_timecode = FrameTimecode(self.num_frames - 1, fps=self.fps)
+        for tc in self.cut_detector.post_process(end_timecode):
+            self.cuts.append(tc.frame_num)
+            if tc.frame_num < self.num_frames:
+                closed += self._cut(tc.frame_num)
+        if self.dark_start is not None:
+            self.dark_ranges.append((self.dark_start, self.num_frames))
+        closed += self._close(self.num_frames, False)
+        self.open_start = self.num_frames
+        return closed
+
+
 def run_detectors(
     uri: str,
     info: VideoInfo,
@@ -116,59 +238,48 @@ def run_detectors(
 ) -> SceneDetection:
     """Decode the video once and run the cut and fade detectors on every frame."""
     if deadline is None:
-        deadline = time.monotonic() + cfg.timeout_s
-    cut_detector = _cut_detector(cfg)
-    fade_detector = ThresholdDetector(threshold=cfg.fade_threshold, min_scene_len=0)
-    fps = Fraction(info.fps).limit_denominator(1001 * 1000)
-    result = SceneDetection(num_frames=0, fps=info.fps)
+        deadline = time.monotonic() + cfg.budget_s(info.duration_s)
+    tracker = SceneTracker(cfg, info.fps)
     # Detection runs on the stored (coded) picture: rotation does not change content scores.
-    coded_w, coded_h = info.coded_size
-    det_w, det_h = detection_size(coded_w, coded_h, cfg.downscale)
-    dark_start: int | None = None
+    det_w, det_h = even_size(*detection_size(*info.coded_size, cfg.downscale))
+    reformatter = VideoReformatter()  # keeps one swscale context for the whole video
     index = -1
-    # One reformatter for the whole video: it keeps its swscale context between frames
-    # (`frame.to_ndarray(width=...)` would build a new one per frame, ~1.5x slower).
-    reformatter = VideoReformatter()
     with open_container(uri, storage_options, "split", cfg.timeout_s) as container:
         stream = video_stream(container, uri, "split")
-        for frame in decode_frames(container, stream, uri, "split", deadline):
-            index += 1
-            # swscale: YUV -> small BGR in one step (PySceneDetect's detectors expect BGR).
-            image = reformatter.reformat(
-                frame, width=det_w, height=det_h, format="bgr24", interpolation="BILINEAR"
-            ).to_ndarray()
-            timecode = FrameTimecode(index, fps=fps)
-            result.cuts += [tc.frame_num for tc in cut_detector.process_frame(timecode, image)]
-            if cfg.fade_enabled:
-                fade_detector.process_frame(timecode, image)
-                # The detector tracks each threshold crossing in `last_fade`; a fade-out starts
-                # a dark range at that frame, the next fade-in ends it.
-                fade_type = fade_detector.last_fade["type"]
-                if fade_type == "out" and dark_start is None:
-                    dark_start = fade_detector.last_fade["frame"].frame_num
-                elif fade_type == "in" and dark_start is not None:
-                    result.dark_ranges.append((dark_start, index))
-                    dark_start = None
-    result.num_frames = index + 1
-    if result.num_frames == 0:
+        for index, frame in enumerate(decode_frames(container, stream, uri, "split", deadline)):
+            tracker.push(index, frame_to_array(frame, det_w, det_h, "bgr24", reformatter))
+    if index < 0:
         raise VideoError("split", "decode_error", f"{uri}: no frame decodes")
-    end_timecode = FrameTimecode(index, fps=fps)
-    result.cuts += [tc.frame_num for tc in cut_detector.post_process(end_timecode)]
-    result.cuts = sorted(set(result.cuts))
-    if dark_start is not None:
-        result.dark_ranges.append((dark_start, result.num_frames))
-    return result
+    tracker.finish()
+    return SceneDetection(
+        num_frames=tracker.num_frames,
+        fps=info.fps,
+        cuts=sorted(set(tracker.cuts)),
+        dark_ranges=tracker.dark_ranges,
+    )
+
+
+def shape_segment(segment: Segment, fps: float, cfg: SplitConfig) -> list[tuple[int, int]]:
+    """Clips of one segment: trimmed at its transitions, dropped when short, long ones cut into
+    equal windows (rather than max-length windows plus a stub: every chunk stays long)."""
+    min_len = max(1, math.ceil(cfg.min_clip_s * fps - 1e-9))
+    max_len = max(1, math.floor(cfg.max_clip_s * fps + 1e-9))
+    start = segment.start + cfg.trim_frames if segment.trim_start else segment.start
+    end = segment.end - cfg.trim_frames if segment.trim_end else segment.end
+    length = end - start
+    if length < min_len:
+        return []
+    num_chunks = math.ceil(length / max_len)
+    edges = [start + round(i * length / num_chunks) for i in range(num_chunks + 1)]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b - a >= min_len]
 
 
 def shape_clips(detection: SceneDetection, cfg: SplitConfig) -> list[tuple[int, int]]:
     """Shots between cuts, minus dark frames, trimmed at transitions, filtered, chunked."""
     n = detection.num_frames
-    # Segment boundaries: each is (frame, is_transition). Video start and end are not
-    # transitions and are not trimmed.
-    pieces: list[tuple[int, int]] = []
-    bounds = [0, *[c for c in detection.cuts if 0 < c < n], n]
-    for start, end in itertools.pairwise(bounds):
-        pieces.append((start, end))
+    pieces: list[tuple[int, int]] = list(
+        itertools.pairwise([0, *[c for c in detection.cuts if 0 < c < n], n])
+    )
     for dark_start, dark_end in detection.dark_ranges:
         split_pieces = []
         for start, end in pieces:
@@ -180,22 +291,10 @@ def shape_clips(detection: SceneDetection, cfg: SplitConfig) -> list[tuple[int, 
             if dark_end < end:
                 split_pieces.append((dark_end, end))
         pieces = split_pieces
-
-    min_len = max(1, math.ceil(cfg.min_clip_s * detection.fps - 1e-9))
-    max_len = max(1, math.floor(cfg.max_clip_s * detection.fps + 1e-9))
     clips = []
     for start, end in pieces:
-        trimmed_start = start + cfg.trim_frames if start > 0 else start
-        trimmed_end = end - cfg.trim_frames if end < n else end
-        length = trimmed_end - trimmed_start
-        if length < min_len:
-            continue
-        # Equal windows rather than max-length windows plus a stub: every chunk stays long.
-        num_chunks = math.ceil(length / max_len)
-        edges = [trimmed_start + round(i * length / num_chunks) for i in range(num_chunks + 1)]
-        for chunk_start, chunk_end in itertools.pairwise(edges):
-            if chunk_end - chunk_start >= min_len:
-                clips.append((chunk_start, chunk_end))
+        # The video's own start and end are not transitions and are not trimmed.
+        clips += shape_segment(Segment(start, end, start > 0, end < n), detection.fps, cfg)
     return clips
 
 

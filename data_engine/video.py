@@ -23,12 +23,13 @@ from urllib.parse import urlparse
 
 import av
 import av.error
+import cv2
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from data_engine.frames import ClipFrames
 
-DEFAULT_PROBE_TIMEOUT_S = 60.0
+DEFAULT_PROBE_TIMEOUT_S = 120.0  # as CurateConfig.probe_timeout_s
 # Packets read after a seek before we give up looking for a decodable frame near the end.
 _TAIL_CHECK_MAX_PACKETS = 600
 
@@ -102,7 +103,7 @@ _S3_OPTION_ALIASES = {
 }
 
 
-def _remote_filesystem(uri: str, storage_options: dict[str, Any] | None):
+def remote_filesystem(uri: str, storage_options: dict[str, Any] | None):
     """(pyarrow FileSystem, path inside it) for an object-store URI."""
     import pyarrow.fs as pafs
 
@@ -133,11 +134,50 @@ def open_input(uri: str, storage_options: dict[str, Any] | None = None) -> str |
     object-store URI (s3://, gs://, ...). The caller closes a returned file object."""
     if _is_local(uri):
         return _local_path(uri)
-    fs, path = _remote_filesystem(uri, storage_options)
+    fs, path = remote_filesystem(uri, storage_options)
     return fs.open_input_file(path)
 
 
-def _input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int | None:
+class DeadlineReader:
+    """A file object that refuses to read past a deadline: a stalled object-store read (or any
+    Python-level source that stops delivering) is stopped at the next read call instead of
+    holding the worker for ever. FFmpeg reads local files itself; those are bounded by the
+    deadline checks between packets."""
+
+    def __init__(self, source: BinaryIO, deadline: float | None, uri: str, stage: str) -> None:
+        self.source = source
+        self.deadline = deadline
+        self.uri = uri
+        self.stage = stage
+
+    def read(self, size: int = -1) -> bytes:
+        _check_deadline(self.deadline, self.stage, self.uri)
+        return self.source.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        _check_deadline(self.deadline, self.stage, self.uri)
+        return self.source.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.source.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self) -> DeadlineReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int | None:
     """File size in bytes, None when it does not exist. Raises VideoError for I/O failures."""
     try:
         if _is_local(uri):
@@ -145,7 +185,7 @@ def _input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int |
             return os.path.getsize(path) if os.path.isfile(path) else None
         import pyarrow.fs as pafs
 
-        fs, path = _remote_filesystem(uri, storage_options)
+        fs, path = remote_filesystem(uri, storage_options)
         file_info = fs.get_file_info(path)
         if file_info.type != pafs.FileType.File:
             return None
@@ -156,10 +196,19 @@ def _input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int |
 
 @contextmanager
 def open_container(
-    uri: str, storage_options: dict[str, Any] | None, stage: str, timeout_s: float | None
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    stage: str,
+    timeout_s: float | None,
+    deadline: float | None = None,
+    source: str | BinaryIO | None = None,
 ) -> Iterator[av.container.InputContainer]:
-    """av.open with our error mapping; closes the container and any remote file object."""
-    source = open_input(uri, storage_options)
+    """av.open with our error mapping; closes the container and any remote file object.
+    `source` overrides what is read (a file object); file objects stop at `deadline`."""
+    if source is None:
+        source = open_input(uri, storage_options)
+    if not isinstance(source, str):
+        source = DeadlineReader(source, deadline, uri, stage)
     container = None
     try:
         try:
@@ -183,15 +232,20 @@ def open_container(
 
 
 def video_stream(
-    container: av.container.InputContainer, uri: str, stage: str
+    container: av.container.InputContainer, uri: str, stage: str, threads: int = 0
 ) -> av.video.stream.VideoStream:
+    """The first video stream, its decoder set to `threads` FFmpeg threads (0 = FFmpeg's own
+    choice, one per core of the machine). Inside a Ray task pass the task's CPUs: FFmpeg
+    cannot see Ray's reservation, and N tasks x all-cores threads only adds contention."""
     if not container.streams.video:
         raise VideoError(stage, "no_video_stream", f"{uri}: the container has no video stream")
     stream = container.streams.video[0]
     if stream.codec_context is None:
         raise VideoError(stage, "unsupported_codec", f"{uri}: no decoder for this video codec")
-    # Frame-and-slice threading inside FFmpeg: the decode itself uses every core we are given.
+    # Frame-and-slice threading inside FFmpeg.
     stream.thread_type = "AUTO"
+    if threads > 0:
+        stream.codec_context.thread_count = threads
     return stream
 
 
@@ -217,6 +271,73 @@ def decode_frames(
         raise VideoError(stage, "timeout", f"{uri}: a read exceeded its time budget") from err
     except av.error.FFmpegError as err:
         raise VideoError(stage, "decode_error", f"{uri}: {err}") from err
+
+
+def even_size(width: int, height: int) -> tuple[int, int]:
+    """Round a size down to even numbers (4:2:0 chroma planes are half size), at least 2x2."""
+    return max(2, width // 2 * 2), max(2, height // 2 * 2)
+
+
+def plane_array(frame: av.VideoFrame, index: int) -> np.ndarray:
+    """One picture plane of a decoded frame as a (height, width) uint8 view of FFmpeg's buffer
+    (line padding sliced off, no copy)."""
+    plane = frame.planes[index]
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, : plane.width]
+
+
+_PLANAR_420 = ("yuv420p", "yuvj420p")
+_YUV_TO = {"bgr24": cv2.COLOR_YUV2BGR_I420, "rgb24": cv2.COLOR_YUV2RGB_I420}
+
+
+def frame_to_array(
+    frame: av.VideoFrame, width: int, height: int, fmt: str, reformatter: VideoReformatter
+) -> np.ndarray:
+    """The frame shrunk to (height, width, 3) uint8 in `fmt` ("bgr24" | "rgb24"); `width` and
+    `height` even. For 8-bit 4:2:0 (nearly all H.264/HEVC/VP9/AV1) the Y, U and V planes are
+    each resized with cv2.INTER_AREA and only the small picture is colour-converted: measured
+    here about 4x cheaper than swscale's scale+convert, and the full-size conversion (which
+    costs more than decoding H.264) never happens (docs/design-notes.md). Other pixel formats
+    (10-bit, 4:2:2, RGB) go through swscale."""
+    if frame.format.name not in _PLANAR_420:
+        return reformatter.reformat(
+            frame, width=width, height=height, format=fmt, interpolation="AREA"
+        ).to_ndarray()
+    yuv = np.empty((height * 3 // 2, width), np.uint8)
+    luma = plane_array(frame, 0)
+    interpolation = cv2.INTER_AREA if luma.shape[1] >= width else cv2.INTER_LINEAR
+    cv2.resize(luma, (width, height), dst=yuv[:height], interpolation=interpolation)
+    chroma = yuv[height:].reshape(2, height // 2, width // 2)
+    for plane in (1, 2):
+        cv2.resize(
+            plane_array(frame, plane),
+            (width // 2, height // 2),
+            dst=chroma[plane - 1],
+            interpolation=interpolation,
+        )
+    return cv2.cvtColor(yuv, _YUV_TO[fmt])
+
+
+def first_frame(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    uri: str,
+    stage: str,
+    deadline: float | None,
+) -> tuple[av.VideoFrame | None, list[av.VideoFrame]]:
+    """The first decoded frame and any others its packet produced, reading no further, so
+    the caller can keep decoding the same stream (`decode_frames`) from where this stopped."""
+    try:
+        for packet in container.demux(stream):
+            _check_deadline(deadline, stage, uri)
+            decoded = packet.decode()
+            if decoded:
+                return decoded[0], list(decoded[1:])
+    except av.error.ExitError as err:
+        raise VideoError(stage, "timeout", f"{uri}: a read exceeded its time budget") from err
+    except av.error.FFmpegError as err:
+        raise VideoError(stage, "decode_error", f"{uri}: {err}") from err
+    return None, []
 
 
 def rotation_from_frame(frame: av.VideoFrame) -> int:
@@ -328,7 +449,7 @@ def probe(
     Raises VideoError(stage="probe") for anything that would fail later stages.
     """
     deadline = time.monotonic() + timeout_s
-    size = _input_size_bytes(uri, storage_options)
+    size = input_size_bytes(uri, storage_options)
     if size is None:
         raise VideoError("probe", "not_found", f"{uri}: no such file")
     if size == 0:
@@ -339,49 +460,58 @@ def probe(
         first_frame = next(decode_frames(container, stream, uri, "probe", deadline), None)
         if first_frame is None:
             raise VideoError("probe", "decode_error", f"{uri}: no video frame decodes")
-        rotation_deg = rotation_from_frame(first_frame)
-
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if stream.duration and stream.time_base:
-            duration_s = float(stream.duration * stream.time_base)
-        elif container.duration:
-            duration_s = container.duration / av.time_base
-        else:
-            duration_s = 0.0
-        if stream.frames and stream.frames > 0:
-            num_frames = int(stream.frames)
-        else:
+        num_frames = int(stream.frames) if stream.frames and stream.frames > 0 else 0
+        if num_frames == 0:
             container.seek(0)
             num_frames = _count_packets(container, stream, uri, deadline)
-        if not rate:
-            if duration_s <= 0:
-                raise VideoError("probe", "no_frame_rate", f"{uri}: neither rate nor duration")
-            rate = num_frames / duration_s
-        fps = float(rate)
-        if duration_s <= 0:
-            duration_s = num_frames / fps
         if num_frames <= 0:
             raise VideoError("probe", "decode_error", f"{uri}: the video stream has no frames")
+        info = info_from_stream(uri, container, stream, first_frame, num_frames)
+        _check_tail_decodes(container, stream, info.duration_s, uri, deadline)
+        return info
 
-        _check_tail_decodes(container, stream, duration_s, uri, deadline)
 
-        coded_w, coded_h = first_frame.width, first_frame.height
-        width, height = (coded_h, coded_w) if rotation_deg in (90, 270) else (coded_w, coded_h)
-        bit_rate = stream.bit_rate or container.bit_rate or 0
-        return VideoInfo(
-            video_id=video_id_for(uri),
-            uri=uri,
-            duration_s=duration_s,
-            fps=fps,
-            num_frames=num_frames,
-            width=width,
-            height=height,
-            rotation_deg=rotation_deg,
-            orientation=orientation_for(width, height),
-            codec=stream.codec_context.name,
-            bit_rate=int(bit_rate),
-            has_audio=bool(container.streams.audio),
-        )
+def info_from_stream(
+    uri: str,
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    first_frame: av.VideoFrame,
+    num_frames: int,
+) -> VideoInfo:
+    """A video's metadata from its open container and first decoded frame. `num_frames` is the
+    caller's count (the header's, packets counted, or frames decoded); 0 = not known yet."""
+    rotation_deg = rotation_from_frame(first_frame)
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if stream.duration and stream.time_base:
+        duration_s = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration_s = container.duration / av.time_base
+    else:
+        duration_s = 0.0
+    if not rate:
+        if duration_s <= 0 or num_frames <= 0:
+            raise VideoError("probe", "no_frame_rate", f"{uri}: neither rate nor duration")
+        rate = num_frames / duration_s
+    fps = float(rate)
+    if duration_s <= 0 and num_frames > 0:
+        duration_s = num_frames / fps
+    coded_w, coded_h = first_frame.width, first_frame.height
+    width, height = (coded_h, coded_w) if rotation_deg in (90, 270) else (coded_w, coded_h)
+    bit_rate = stream.bit_rate or container.bit_rate or 0
+    return VideoInfo(
+        video_id=video_id_for(uri),
+        uri=uri,
+        duration_s=duration_s,
+        fps=fps,
+        num_frames=num_frames,
+        width=width,
+        height=height,
+        rotation_deg=rotation_deg,
+        orientation=orientation_for(width, height),
+        codec=stream.codec_context.name,
+        bit_rate=int(bit_rate),
+        has_audio=bool(container.streams.audio),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +528,9 @@ class SamplingConfig:
     max_side: int = (
         640  # long side of sampled frames (px): OCR needs readable subtitles; never upscaled
     )
-    timeout_s: float = 300.0  # decode budget per video for sampling (seconds)
+    timeout_s: float = 60.0  # decode budget per video when only sampling (backfill): base (s)
+    timeout_per_video_s: float = 1.0  # ... plus this many seconds per second of video
+    candidates_per_shot: int = 64  # frames kept per open shot while cuts are unknown (memory)
 
     def __post_init__(self) -> None:
         if self.frames_per_clip < 1:
@@ -409,6 +541,14 @@ class SamplingConfig:
             raise ValueError("sampling.max_side: must be >= 16 px")
         if self.timeout_s <= 0:
             raise ValueError("sampling.timeout_s: must be > 0 seconds")
+        if self.timeout_per_video_s < 0:
+            raise ValueError("sampling.timeout_per_video_s: must be >= 0 seconds per second")
+        if self.candidates_per_shot < 2:
+            raise ValueError("sampling.candidates_per_shot: must be >= 2")
+
+    def budget_s(self, duration_s: float) -> float:
+        """Decode budget for sampling a video of `duration_s` seconds."""
+        return self.timeout_s + self.timeout_per_video_s * max(0.0, duration_s)
 
 
 def clip_sample_indices(
@@ -443,6 +583,8 @@ def iter_clip_frames(
     cfg: SamplingConfig,
     storage_options: dict[str, Any] | None = None,
     deadline: float | None = None,
+    pairs: list[list[tuple[int, int]]] | None = None,
+    threads: int = 0,
 ) -> Iterator[tuple[int, ClipFrames]]:
     """(clip index, sampled frames) for every clip of one video, in one sequential decoding
     pass, yielded as soon as a clip's last needed frame is decoded (its frames are then freed),
@@ -451,11 +593,13 @@ def iter_clip_frames(
     Why sequential rather than seeking: frame numbers are counted exactly as the split stage
     counts them (decoded frames, not timestamps, which drift on variable-frame-rate files), and
     only the needed frames are converted to RGB, which is where the time goes after decoding.
-    Decoding stops after the last needed frame.
+    Decoding stops after the last needed frame. `pairs` gives each clip's (frame, pair frame)
+    indices explicitly (those the streaming pass recorded in `sample_frames`/`sample_pairs`);
+    by default they follow `clip_sample_indices`.
     """
     if deadline is None:
-        deadline = time.monotonic() + cfg.timeout_s
-    per_clip = [clip_sample_indices(start, end, cfg) for start, end in clips]
+        deadline = time.monotonic() + cfg.budget_s(info.duration_s)
+    per_clip = pairs or [clip_sample_indices(start, end, cfg) for start, end in clips]
     if not per_clip:
         return
     # Clips in the order their last needed frame arrives; reference counts free shared frames.
@@ -472,23 +616,19 @@ def iter_clip_frames(
     times: dict[int, float] = {}
     next_clip = 0
     index = -1
-    with open_container(uri, storage_options, "sample", cfg.timeout_s) as container:
-        stream = video_stream(container, uri, "sample")
-        start_s = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+    with open_container(uri, storage_options, "sample", cfg.timeout_s, deadline) as container:
+        stream = video_stream(container, uri, "sample", threads)
+        start_s = stream_start_s(stream)
         reformatter = VideoReformatter()  # keeps one swscale context for the whole video
         for frame in decode_frames(container, stream, uri, "sample", deadline):
             index += 1
             if index in users:
-                rgb = reformatter.reformat(
-                    frame, width=out_w, height=out_h, format="rgb24", interpolation="AREA"
-                ).to_ndarray()
+                rgb = frame_to_array(frame, out_w, out_h, "rgb24", reformatter)
                 images[index] = apply_rotation(rgb, info.rotation_deg)
-                times[index] = (
-                    float(frame.time) - start_s if frame.time is not None else index / info.fps
-                )
+                times[index] = frame_time_s(frame, start_s, index, info.fps)
             while next_clip < len(order) and max(needs[order[next_clip]]) <= index:
                 clip = order[next_clip]
-                yield clip, _clip_frames(per_clip[clip], images, times)
+                yield clip, clip_frames_from(per_clip[clip], images, times)
                 for i in needs[clip]:
                     users[i] -= 1
                     if users[i] == 0:
@@ -502,9 +642,21 @@ def iter_clip_frames(
     )
 
 
-def _clip_frames(
+def stream_start_s(stream: av.video.stream.VideoStream) -> float:
+    """Presentation time of the stream's first frame (seconds)."""
+    return float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+
+
+def frame_time_s(frame: av.VideoFrame, start_s: float, index: int, fps: float) -> float:
+    """Seconds from the start of the video to this frame (its timestamp; index / fps when the
+    container gives none)."""
+    return float(frame.time) - start_s if frame.time is not None else index / fps
+
+
+def clip_frames_from(
     pairs: list[tuple[int, int]], images: dict[int, np.ndarray], times: dict[int, float]
 ) -> ClipFrames:
+    """One clip's ClipFrames from decoded images by frame index."""
     frames = np.stack([images[first] for first, _ in pairs])  # (K, H, W, 3)
     pair_frames = np.stack([images[second] for _, second in pairs])  # (K, H, W, 3)
     times_s = np.array([times[first] for first, _ in pairs], dtype=np.float64)

@@ -1,6 +1,6 @@
 """Captioning and DSG-Video hallucination checks (STIV, data engine).
 
-`CaptionStage` captions clips; `DSGStage` checks captions claim by claim; `dsg_report` turns the
+`Captioner` captions clips; `DSGChecker` checks captions claim by claim; `dsg_report` turns the
 stored per-clip results into DSG-Video_i and DSG-Video_s. Both stages talk to a model through a
 `ChatBackend`: an OpenAI-compatible server (vLLM, SGLang) or a local transformers directory.
 """
@@ -14,10 +14,10 @@ from data_engine.captioning.backends import (
     OpenAIBackend,
     make_backend,
 )
-from data_engine.captioning.caption import CaptionConfig, CaptionStage
+from data_engine.captioning.caption import CaptionConfig, Captioner
 from data_engine.captioning.dsg import (
+    DSGChecker,
     DSGQuestionsConfig,
-    DSGStage,
     DSGVerifyConfig,
     InvalidQuestions,
     parse_questions,
@@ -27,12 +27,12 @@ from data_engine.captioning.report import dsg_report
 __all__ = [
     "BackendConfig",
     "CaptionConfig",
-    "CaptionStage",
+    "Captioner",
     "ChatBackend",
     "ChatReply",
     "ChatRequest",
+    "DSGChecker",
     "DSGQuestionsConfig",
-    "DSGStage",
     "DSGVerifyConfig",
     "InvalidQuestions",
     "LocalBackend",

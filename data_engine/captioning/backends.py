@@ -472,3 +472,16 @@ __all__ = [
     "sample_frame_indices",
     "text_hash",
 ]
+
+
+def require_chat(section: str, cfg: BackendConfig) -> None:
+    """Raise StageError naming the key when a chat section cannot start (before any work)."""
+    if cfg.backend == "sidecar":
+        return
+    if cfg.backend == "local":
+        if not cfg.model_path:
+            raise StageError(f"{section}.model_path: required for backend 'local'")
+        if not Path(cfg.model_path).is_dir():
+            raise StageError(f"{section}.model_path: directory not found: {cfg.model_path}")
+    elif not cfg.base_url or not cfg.model:
+        raise StageError(f"{section}.base_url/{section}.model: required for backend 'openai'")

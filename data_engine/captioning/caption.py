@@ -20,10 +20,12 @@ from data_engine.captioning.backends import (
     ChatRequest,
     config_summary,
     make_backend,
+    require_chat,
     sample_frame_indices,
     text_hash,
 )
 from data_engine.frames import ClipFrames
+from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
 
 DEFAULT_CAPTION_PROMPT = (
     "These are frames sampled in order from one video clip. Describe the video in detail: the "
@@ -55,7 +57,7 @@ class CaptionConfig(BackendConfig):
             raise ValueError(f"caption.max_tokens: must be >= 1, got {self.max_tokens}")
 
 
-class CaptionStage:
+class Captioner:
     """Reads a clip's sampled frames; writes caption, caption_backend, caption_model,
     caption_prompt_hash, caption_time_s and caption_provenance."""
 
@@ -130,3 +132,61 @@ class CaptionStage:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def sidecar_caption(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Caption columns from `<video stem>.txt` beside the video (datasets that ship captions).
+    A missing or empty file leaves the caption null, which `prepare` skips."""
+    from data_engine.video import VideoError, open_input
+
+    stem, _, _ = uri.rpartition(".")
+    text = None
+    try:
+        source = open_input(stem + ".txt", storage_options)
+        if isinstance(source, str):
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read().strip() or None
+        else:
+            with source:
+                text = source.read().decode("utf-8").strip() or None
+    except (OSError, VideoError):
+        text = None
+    return {
+        "caption": text,
+        "caption_backend": "sidecar",
+        "caption_model": "",
+        "caption_prompt_hash": "",
+        "caption_time_s": 0.0,
+        "caption_provenance": json.dumps({"backend": "sidecar", "file": stem + ".txt"}),
+    }
+
+
+class CaptionStage(Stage):
+    """The `caption` stage: a video-language model's caption of each clip's sampled frames, or
+    the dataset's own `<video stem>.txt` (backend "sidecar")."""
+
+    name: ClassVar[str] = "caption"
+    runs_on: ClassVar[str] = "actor"
+    sections: ClassVar[dict[str, type]] = {"caption": CaptionConfig}
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return Captioner.output_schema
+
+    @classmethod
+    def check_ready(cls, cfg: Any) -> None:
+        require_chat("caption", cfg.caption)
+
+    def setup(self) -> None:
+        self.sidecar = self.cfg.caption.backend == "sidecar"
+        self.captioner = None if self.sidecar else Captioner(self.cfg.caption)
+
+    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
+        if self.sidecar:
+            options = self.cfg.storage_options or None
+            return [sidecar_caption(item.row["uri"], options) for item in batch]
+        return score_frames_or_each(batch, self.captioner.score_clips)
+
+    def teardown(self) -> None:
+        if self.captioner is not None:
+            self.captioner.close()

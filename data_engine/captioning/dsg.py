@@ -31,10 +31,12 @@ from data_engine.captioning.backends import (
     LocalBackend,
     config_summary,
     make_backend,
+    require_chat,
     sample_frame_indices,
     text_hash,
 )
 from data_engine.frames import ClipFrames
+from data_engine.stages.base import ClipInput, Stage
 
 KINDS = ("entity", "attribute", "relation")
 QUESTIONS_EXAMPLE = (
@@ -231,7 +233,7 @@ POSITIVE = {"entity": "present", "attribute": "true", "relation": "true"}
 NEGATIVE = {"entity": "hallucinated", "attribute": "false", "relation": "false"}
 
 
-class DSGStage:
+class DSGChecker:
     """Reads clip frames + caption; writes dsg_num_objects, dsg_num_hallucinated,
     dsg_hallucination_rate, dsg_num_attr_rel*, dsg_status, dsg_error, dsg_provenance per clip
     and one `dsg_claims` row per question."""
@@ -469,3 +471,55 @@ class DSGStage:
             }
             for q in check.questions
         ]
+
+
+DSG_CLAIMS_JSON = "_dsg_claims_json"  # transient clip column: the driver moves it to `dsg_claims`
+
+
+class DsgStage(Stage):
+    """The `dsg` stage: each caption checked claim by claim (DSG-Video). Reads frames and
+    `caption`; writes the per-clip metrics and carries the claims to the `dsg_claims` table."""
+
+    name: ClassVar[str] = "dsg"
+    runs_on: ClassVar[str] = "actor"
+    reads: ClassVar[tuple[str, ...]] = ("frames", "caption")
+    sections: ClassVar[dict[str, type]] = {
+        "dsg_questions": DSGQuestionsConfig,
+        "dsg_verify": DSGVerifyConfig,
+    }
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return pa.schema([*DSGChecker.output_schema, pa.field(DSG_CLAIMS_JSON, pa.string())])
+
+    @classmethod
+    def check_ready(cls, cfg: Any) -> None:
+        require_chat("dsg_questions", cfg.dsg_questions)
+        require_chat("dsg_verify", cfg.dsg_verify)
+
+    @classmethod
+    def todo_filter(cls, cfg: Any) -> str:
+        # A check that failed (a model error, invalid questions) is redone, like a null one.
+        return "dsg_status IS NULL OR dsg_status = 'failed'"
+
+    def setup(self) -> None:
+        self.checker = DSGChecker(self.cfg.dsg_questions, self.cfg.dsg_verify)
+
+    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
+        todo = [i for i, item in enumerate(batch) if item.frames is not None]
+        results: list[dict[str, Any]] = [{"error": "no sampled frames"} for _ in batch]
+        if not todo:
+            return results
+        clip_ids = [batch[i].row["clip_id"] for i in todo]
+        metrics, claims = self.checker.check_clips(
+            [batch[i].frames for i in todo], [batch[i].row.get("caption") for i in todo], clip_ids
+        )
+        by_clip: dict[str, list[dict[str, Any]]] = {}
+        for claim in claims:
+            by_clip.setdefault(claim["clip_id"], []).append(claim)
+        for i, clip_id, metric in zip(todo, clip_ids, metrics):
+            results[i] = {**metric, DSG_CLAIMS_JSON: json.dumps(by_clip.get(clip_id, []))}
+        return results
+
+    def teardown(self) -> None:
+        self.checker.close()

@@ -14,19 +14,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from data_engine.frames import ClipFrames
-from data_engine.stages.base import StageError
-from data_engine.stages.clip_model import (
-    ClipModelConfig,
-    checkpoint_provenance,
-    encode_clips,
-    load_clip_from_config,
-    require_file,
-)
+from data_engine.stages.base import ClipInput, Stage, StageError, score_frames_or_each
+from data_engine.stages.clip_config import ClipModelConfig, checkpoint_provenance, require_file
 
 
 @dataclass
@@ -48,36 +39,14 @@ class AestheticConfig:
             raise ValueError(f"aesthetic.num_frames: must be >= 0, got {self.num_frames}")
 
 
-class AestheticHead(nn.Module):
-    """The LAION improved-aesthetic-predictor MLP; keys `layers.{0,2,4,6,7}.{weight,bias}`.
+def load_aesthetic_head(path: str, input_dim: int, key: str = "aesthetic.head_path") -> Any:
+    """Load a head state dict (published .pth or our .safetensors) for `input_dim` embeddings
+    as a `clip_model.AestheticHead`."""
+    import torch
+    from safetensors.torch import load_file
 
-    Dropouts sit at indices 1, 3, 5 exactly as in the published model so the state-dict keys
-    match; they are inactive in eval mode.
-    """
+    from data_engine.stages.clip_model import AestheticHead
 
-    def __init__(self, input_dim: int = 768) -> None:
-        super().__init__()
-        self.input_dim = input_dim
-        self.layers = nn.Sequential(
-            nn.Linear(input_dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        """(N, D) L2-normalised CLIP image embeddings -> (N,) scores (~1..10 for real weights)."""
-        return self.layers(embedding).squeeze(-1)
-
-
-def load_aesthetic_head(
-    path: str, input_dim: int, key: str = "aesthetic.head_path"
-) -> AestheticHead:
-    """Load a head state dict (published .pth or our .safetensors) for `input_dim` embeddings."""
     head_file = require_file(path, key)
     if head_file.suffix == ".safetensors":
         state = load_file(str(head_file))
@@ -107,6 +76,8 @@ class AestheticScorer:
     )
 
     def __init__(self, cfg: AestheticConfig) -> None:
+        from data_engine.stages.clip_model import load_clip_from_config
+
         self.cfg = cfg
         self.model, self.preprocess, _, clip_provenance = load_clip_from_config(
             cfg.clip, "aesthetic.clip"
@@ -128,8 +99,11 @@ class AestheticScorer:
     def provenance(self) -> dict[str, Any]:
         return self._provenance
 
-    @torch.inference_mode()
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+        import torch
+
+        from data_engine.stages.clip_model import encode_clips
+
         embeddings = encode_clips(
             self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
         )
@@ -139,7 +113,8 @@ class AestheticScorer:
                 rows.append({"error": "aesthetic: clip has no sampled frames"})
                 continue
             x = torch.from_numpy(emb).to(self.cfg.clip.device)  # (K, D), already unit norm
-            per_frame = self.head(x).float().cpu().numpy()  # (K,)
+            with torch.inference_mode():
+                per_frame = self.head(x).float().cpu().numpy()  # (K,)
             rows.append(
                 {
                     "aesthetic_score": float(np.mean(per_frame)),
@@ -147,3 +122,29 @@ class AestheticScorer:
                 }
             )
         return rows
+
+
+class AestheticStage(Stage):
+    """The `aesthetic` stage: aesthetic_score, the LAION head on CLIP ViT-L-14 frame embeddings."""
+
+    name: ClassVar[str] = "aesthetic"
+    runs_on: ClassVar[str] = "actor"
+    sections: ClassVar[dict[str, type]] = {"aesthetic": AestheticConfig}
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return AestheticScorer.output_schema
+
+    @classmethod
+    def check_ready(cls, cfg: Any) -> None:
+        section = cfg.aesthetic
+        require_file(section.clip.checkpoint_path, "aesthetic.clip.checkpoint_path")
+        if section.clip.model_config_path:
+            require_file(section.clip.model_config_path, "aesthetic.clip.model_config_path")
+        require_file(section.head_path, "aesthetic.head_path")
+
+    def setup(self) -> None:
+        self.scorer = AestheticScorer(self.cfg.aesthetic)
+
+    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
+        return score_frames_or_each(batch, self.scorer.score_clips)

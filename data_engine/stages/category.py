@@ -16,14 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from data_engine.frames import ClipFrames
-from data_engine.stages.clip_model import (
-    ClipModelConfig,
-    encode_clips,
-    encode_texts,
-    load_clip_from_config,
-    logit_scale_of,
-    normalize_rows,
-)
+from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
+from data_engine.stages.clip_config import ClipModelConfig, normalize_rows, require_file
 
 DEFAULT_LABELS = [
     "people",
@@ -84,6 +78,12 @@ class CategoryScorer:
     )
 
     def __init__(self, cfg: CategoryConfig) -> None:
+        from data_engine.stages.clip_model import (
+            encode_texts,
+            load_clip_from_config,
+            logit_scale_of,
+        )
+
         self.cfg = cfg
         self.model, self.preprocess, tokenizer, clip_provenance = load_clip_from_config(
             cfg.clip, "category.clip"
@@ -105,6 +105,8 @@ class CategoryScorer:
         return self._provenance
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+        from data_engine.stages.clip_model import encode_clips
+
         embeddings = encode_clips(
             self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
         )
@@ -124,3 +126,28 @@ class CategoryScorer:
                 }
             )
         return rows
+
+
+class CategoryStage(Stage):
+    """The `category` stage: the CLIP zero-shot label of each clip."""
+
+    name: ClassVar[str] = "category"
+    runs_on: ClassVar[str] = "actor"
+    sections: ClassVar[dict[str, type]] = {"category": CategoryConfig}
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return CategoryScorer.output_schema
+
+    @classmethod
+    def check_ready(cls, cfg: Any) -> None:
+        section = cfg.category
+        require_file(section.clip.checkpoint_path, "category.clip.checkpoint_path")
+        if section.clip.model_config_path:
+            require_file(section.clip.model_config_path, "category.clip.model_config_path")
+
+    def setup(self) -> None:
+        self.scorer = CategoryScorer(self.cfg.category)
+
+    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
+        return score_frames_or_each(batch, self.scorer.score_clips)

@@ -13,16 +13,19 @@ ids, their order and the (sparse) duplicate pairs, never all embeddings.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import lance
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_engine.stages.clip_model import normalize_rows
+from data_engine.stages.base import Stage, StageError
+from data_engine.stages.clip_config import normalize_rows
 
 
 @dataclass
@@ -222,3 +225,48 @@ def find_duplicates(
 
     dup_ranks = _greedy_keep_earliest(len(ordered_ids), neighbours)
     return {ordered_ids[i]: ordered_ids[j] for i, j in dup_ranks.items()}
+
+
+class DedupStage(Stage):
+    """The `dedup` stage: one pass over the whole clips table after curation. Reads
+    `clip_embedding`; writes `dup_of` (the kept clip this one duplicates, null when kept) and
+    `dedup_provenance`."""
+
+    name: ClassVar[str] = "dedup"
+    runs_on: ClassVar[str] = "table"
+    reads: ClassVar[tuple[str, ...]] = ("clip_embedding",)
+    sections: ClassVar[dict[str, type]] = {"dedup": DedupConfig}
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return pa.schema([("dup_of", pa.string()), ("dedup_provenance", pa.string())])
+
+    def run_table(self, db: Any) -> int:
+        """Set `dup_of` on every clip of `db` (a `data_engine.store.Database`); returns the
+        number of duplicates."""
+        from data_engine import store as st
+
+        table = db.table(st.CLIPS)
+        if "clip_embedding" not in table.schema.names:
+            raise StageError(
+                "--stages dedup: the clips have no clip_embedding (run the embedding stage)"
+            )
+        cfg: DedupConfig = self.cfg.dedup
+        duplicates = find_duplicates(table, cfg.max_cosine_distance, cfg=cfg)
+        ids = table.to_table(columns=["clip_id"]).column("clip_id").to_pylist()
+        provenance = json.dumps(
+            {"method": "greedy keep-earliest by (uri, start_frame)", **cfg.__dict__},
+            sort_keys=True,
+        )
+        updates = pa.table(
+            {
+                "clip_id": pa.array(ids, pa.string()),
+                "dup_of": pa.array([duplicates.get(i) for i in ids], pa.string()),
+                "dedup_provenance": pa.array([provenance] * len(ids), pa.string()),
+            }
+        )
+        missing = [f for f in self.output_schema(self.cfg) if f.name not in table.schema.names]
+        if missing:
+            table.add_columns(pa.schema(missing))
+        db.table(st.CLIPS).merge_insert("clip_id").when_matched_update_all().execute(updates)
+        return len(duplicates)

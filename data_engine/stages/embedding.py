@@ -15,11 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from data_engine.frames import ClipFrames
-from data_engine.stages.clip_model import (
+from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
+from data_engine.stages.clip_config import (
     ClipModelConfig,
-    encode_clips,
-    load_clip_from_config,
+    clip_embed_dim,
     normalize_rows,
+    require_file,
 )
 
 
@@ -88,6 +89,8 @@ class EmbeddingScorer:
     )
 
     def __init__(self, cfg: EmbeddingConfig) -> None:
+        from data_engine.stages.clip_model import load_clip_from_config
+
         self.cfg = cfg
         self.model, self.preprocess, _, clip_provenance = load_clip_from_config(
             cfg.clip, "embedding.clip"
@@ -107,6 +110,8 @@ class EmbeddingScorer:
         return self._provenance
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+        from data_engine.stages.clip_model import encode_clips
+
         embeddings = encode_clips(
             self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
         )
@@ -123,3 +128,30 @@ class EmbeddingScorer:
                 }
             )
         return rows
+
+
+class EmbeddingStage(Stage):
+    """The `embedding` stage: clip_embedding (mean CLIP frame embedding) and temporal_consistency."""
+
+    name: ClassVar[str] = "embedding"
+    runs_on: ClassVar[str] = "actor"
+    sections: ClassVar[dict[str, type]] = {"embedding": EmbeddingConfig}
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return embedding_schema(
+            clip_embed_dim(cfg.embedding.clip.model_name, cfg.embedding.clip.model_config_path)
+        )
+
+    @classmethod
+    def check_ready(cls, cfg: Any) -> None:
+        section = cfg.embedding
+        require_file(section.clip.checkpoint_path, "embedding.clip.checkpoint_path")
+        if section.clip.model_config_path:
+            require_file(section.clip.model_config_path, "embedding.clip.model_config_path")
+
+    def setup(self) -> None:
+        self.scorer = EmbeddingScorer(self.cfg.embedding)
+
+    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
+        return score_frames_or_each(batch, self.scorer.score_clips)

@@ -23,10 +23,10 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 import pyarrow as pa
-from rapidocr import RapidOCR
 
 from data_engine.frames import ClipFrames
-from data_engine.stages.clip_model import even_frame_indices
+from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
+from data_engine.stages.clip_config import even_frame_indices
 
 
 @dataclass
@@ -98,6 +98,8 @@ class OcrScorer:
         }
         if cfg.num_threads:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = cfg.num_threads
+        from rapidocr import RapidOCR  # loads onnxruntime: only where the stage runs
+
         self.engine = RapidOCR(params=params)
         det, rec = self.engine.cfg.Det, self.engine.cfg.Rec
         self._provenance = {
@@ -155,3 +157,21 @@ class OcrScorer:
 
     def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
         return [self.score_clip(c) for c in clips]
+
+
+class OcrStage(Stage):
+    """The `ocr` stage: burned-in text area and text (rapidocr's shipped models)."""
+
+    name: ClassVar[str] = "ocr"
+    runs_on: ClassVar[str] = "actor"
+    sections: ClassVar[dict[str, type]] = {"ocr": OcrConfig}
+
+    @classmethod
+    def output_schema(cls, cfg: Any) -> pa.Schema:
+        return OcrScorer.output_schema
+
+    def setup(self) -> None:
+        self.scorer = OcrScorer(self.cfg.ocr)
+
+    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
+        return score_frames_or_each(batch, self.scorer.score_clips)

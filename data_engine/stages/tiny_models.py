@@ -15,8 +15,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from data_engine.stages.aesthetic import AestheticHead
-from data_engine.stages.clip_model import SEEDED_TEST_WEIGHTS_KEY, create_model_quietly
+from data_engine.stages.clip_config import SEEDED_TEST_WEIGHTS_KEY
+from data_engine.stages.clip_model import AestheticHead, create_model_quietly
 
 TINY_CLIP_NAME = "stiv-tiny-clip"
 

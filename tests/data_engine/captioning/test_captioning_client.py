@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from data_engine.captioning.backends import BackendConfig, ChatRequest, OpenAIBackend, text_hash
-from data_engine.captioning.caption import CaptionConfig, CaptionStage
+from data_engine.captioning.caption import CaptionConfig, Captioner
 from data_engine.captioning.testing import (
     Reply,
     ScriptedChatServer,
@@ -45,7 +45,7 @@ def test_request_carries_frames_as_jpeg_parts_and_settings():
     followed by the prompt; a wrong part type or frame order would caption the wrong thing."""
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
     with ScriptedChatServer(responder=lambda b: Reply(content="A flashing screen.")) as srv:
-        stage = CaptionStage(caption_config(srv, frames_per_clip=3, max_tokens=77, prompt="Go."))
+        stage = Captioner(caption_config(srv, frames_per_clip=3, max_tokens=77, prompt="Go."))
         rows = stage.score_clips([solid_clip(colours)])
         stage.close()
     body = srv.requests[0]
@@ -65,11 +65,11 @@ def test_caption_rows_match_schema_and_provenance():
     """Rows must have exactly the declared columns (the integrator writes them to Lance with
     `output_schema`) and record backend, model and prompt hash so captions never mix."""
     with ScriptedChatServer(responder=lambda b: Reply(content="  A cat.\n")) as srv:
-        stage = CaptionStage(caption_config(srv))
+        stage = Captioner(caption_config(srv))
         rows = stage.score_clips([solid_clip([(9, 9, 9)] * 2), solid_clip([(200, 9, 9)] * 3)])
         stage.close()
-    table = pa.Table.from_pylist(rows, schema=CaptionStage.output_schema)
-    assert table.column_names == CaptionStage.output_schema.names
+    table = pa.Table.from_pylist(rows, schema=Captioner.output_schema)
+    assert table.column_names == Captioner.output_schema.names
     assert rows[0]["caption"] == "A cat."  # surrounding whitespace is not part of a caption
     assert rows[0]["caption_backend"] == "openai" and rows[0]["caption_model"] == "scripted-vlm"
     assert rows[0]["caption_prompt_hash"] == stage.prompt_hash and len(stage.prompt_hash) == 16
@@ -144,7 +144,7 @@ def test_unauthorized_stops_the_batch_naming_the_key_setting(monkeypatch):
     key instead of quarantining every clip; the key itself is sent as a Bearer token."""
     monkeypatch.setenv("STIV_TEST_KEY", "sk-secret")
     with ScriptedChatServer(responder=lambda b: Reply(status=401, content="bad key")) as srv:
-        stage = CaptionStage(caption_config(srv, api_key_env="STIV_TEST_KEY"))
+        stage = Captioner(caption_config(srv, api_key_env="STIV_TEST_KEY"))
         with pytest.raises(StageError, match=r"caption\.api_key_env: .*401"):
             stage.score_clips([solid_clip([(1, 2, 3)])])
         stage.close()
@@ -156,16 +156,16 @@ def test_defaults_load_and_missing_model_fails_at_start():
     openai or local stage without a model must fail at once, naming the key."""
     CaptionConfig()
     with pytest.raises(StageError, match=r"caption\.model: required"):
-        CaptionStage(CaptionConfig())
+        Captioner(CaptionConfig())
     with pytest.raises(StageError, match=r"caption\.model_path: required"):
-        CaptionStage(CaptionConfig(backend="local"))
+        Captioner(CaptionConfig(backend="local"))
 
 
 def test_missing_api_key_env_fails_at_start(monkeypatch):
     """A configured key variable that is not set must fail before any work, naming the key."""
     monkeypatch.delenv("STIV_TEST_KEY", raising=False)
     with pytest.raises(StageError, match=r"caption\.api_key_env: .*STIV_TEST_KEY"):
-        CaptionStage(CaptionConfig(model="m", api_key_env="STIV_TEST_KEY"))
+        Captioner(CaptionConfig(model="m", api_key_env="STIV_TEST_KEY"))
 
 
 def test_concurrency_limit_is_respected():
@@ -201,7 +201,7 @@ def test_server_dying_mid_job_loses_nothing():
     clips = [solid_clip([(10 * i, 0, 0)] * 2) for i in range(6)]
     with ScriptedChatServer(responder=lambda b: Reply(content="A red screen.")) as srv:
         srv.die_after(3)
-        stage = CaptionStage(caption_config(srv, max_concurrency=1, max_retries=2))
+        stage = Captioner(caption_config(srv, max_concurrency=1, max_retries=2))
         rows = stage.score_clips(clips)
         stage.close()
     assert len(rows) == 6
@@ -215,7 +215,7 @@ def test_empty_caption_and_frameless_clip_are_errors():
     """An empty answer or a clip without frames must be an error entry, not an empty caption
     stored as if it were real."""
     with ScriptedChatServer(responder=lambda b: Reply(content="   ")) as srv:
-        stage = CaptionStage(caption_config(srv))
+        stage = Captioner(caption_config(srv))
         empty = ClipFrames(
             np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0), np.zeros((0, 8, 8, 3), np.uint8),
             np.zeros(0),

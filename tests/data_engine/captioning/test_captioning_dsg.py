@@ -16,7 +16,7 @@ from data_engine.captioning.dsg import (
     DEFAULT_QUESTIONS_PROMPT,
     QUESTIONS_EXAMPLE,
     DSGQuestionsConfig,
-    DSGStage,
+    DSGChecker,
     DSGVerifyConfig,
     InvalidQuestions,
     escape_caption,
@@ -108,8 +108,8 @@ def test_default_configs_are_valid():
     DSGVerifyConfig()
 
 
-def make_stage(srv: ScriptedChatServer, **questions_kw) -> DSGStage:
-    return DSGStage(
+def make_stage(srv: ScriptedChatServer, **questions_kw) -> DSGChecker:
+    return DSGChecker(
         DSGQuestionsConfig(base_url=srv.base_url, model="llm", **{**FAST, **questions_kw}),
         DSGVerifyConfig(base_url=srv.base_url, model="mllm", frames_per_clip=4, **FAST),
     )
@@ -267,8 +267,8 @@ def test_dsg_logic_and_metrics_exact():
     assert metrics[2]["dsg_hallucination_rate"] == pytest.approx(2 / 3)
 
     # Rows must fit the declared schemas (the integrator writes them to Lance as is).
-    table = pa.Table.from_pylist(metrics, schema=DSGStage.output_schema)
-    pa.Table.from_pylist(claims, schema=DSGStage.claims_schema)
+    table = pa.Table.from_pylist(metrics, schema=DSGChecker.output_schema)
+    pa.Table.from_pylist(claims, schema=DSGChecker.claims_schema)
     prov = json.loads(metrics[0]["dsg_provenance"])
     assert prov["questions"]["model"] == "llm" and prov["verify"]["frames_per_clip"] == 4
 
@@ -297,7 +297,7 @@ def test_a_yes_on_one_frame_outweighs_a_failed_frame():
 
     caption_in_seen = [True]
     with ScriptedChatServer(responder=responder) as srv:
-        stage = DSGStage(
+        stage = DSGChecker(
             DSGQuestionsConfig(base_url=srv.base_url, model="llm", **FAST),
             DSGVerifyConfig(base_url=srv.base_url, model="m", frames_per_clip=2, max_retries=0),
         )

@@ -25,8 +25,8 @@ from transformers import (
 )
 
 from data_engine.captioning.backends import LocalBackend
-from data_engine.captioning.caption import CaptionConfig, CaptionStage
-from data_engine.captioning.dsg import DSGQuestionsConfig, DSGStage, DSGVerifyConfig
+from data_engine.captioning.caption import CaptionConfig, Captioner
+from data_engine.captioning.dsg import DSGQuestionsConfig, DSGChecker, DSGVerifyConfig
 from data_engine.frames import ClipFrames
 from data_engine.stages.base import StageError
 
@@ -101,18 +101,18 @@ def test_missing_model_dir_names_the_config_key(tmp_path):
     """A wrong path must fail at stage start with the config key, not deep in transformers."""
     missing = tmp_path / "nope"
     with pytest.raises(StageError, match=rf"caption\.model_path: directory not found: {missing}"):
-        CaptionStage(CaptionConfig(backend="local", model_path=str(missing)))
+        Captioner(CaptionConfig(backend="local", model_path=str(missing)))
 
 
 def test_local_captions_batched_equal_unbatched(tiny_vlm):
     """Batched generation must give each clip the same caption as generating it alone: a wrong
     padding side or image/prompt misalignment in a batch would change the text."""
     clips = [clip(0), clip(1, k=3), clip(2)]
-    batched = CaptionStage(local_caption(tiny_vlm, batch_size=3)).score_clips(clips)
-    single = CaptionStage(local_caption(tiny_vlm, batch_size=1)).score_clips(clips)
+    batched = Captioner(local_caption(tiny_vlm, batch_size=3)).score_clips(clips)
+    single = Captioner(local_caption(tiny_vlm, batch_size=1)).score_clips(clips)
     assert [r.get("caption") for r in batched] == [r.get("caption") for r in single]
     assert all(isinstance(r["caption"], str) and r["caption"] for r in batched)
-    table = pa.Table.from_pylist(batched, schema=CaptionStage.output_schema)
+    table = pa.Table.from_pylist(batched, schema=Captioner.output_schema)
     assert table["caption_backend"].to_pylist() == ["local"] * 3
     assert table["caption_model"].to_pylist() == [tiny_vlm.name] * 3
     assert all(t > 0 for t in table["caption_time_s"].to_pylist())
@@ -125,14 +125,14 @@ def test_local_dsg_gibberish_fails_cleanly_and_shares_the_model(tiny_vlm):
         backend="local", model_path=str(tiny_vlm), device="cpu", max_tokens=8, parse_attempts=2
     )
     verify = DSGVerifyConfig(backend="local", model_path=str(tiny_vlm), device="cpu")
-    stage = DSGStage(questions, verify)
+    stage = DSGChecker(questions, verify)
     assert stage.verify_backend is stage.question_backend
     assert isinstance(stage.question_backend, LocalBackend)
     metrics, claims = stage.check_clips([clip(0), clip(1)], ["A dog runs.", "A cat."], ["a", "b"])
     assert claims == []
     assert [m["dsg_status"] for m in metrics] == ["failed", "failed"]
     assert all("no valid question list after 2 attempts" in m["dsg_error"] for m in metrics)
-    pa.Table.from_pylist(metrics, schema=DSGStage.output_schema)
+    pa.Table.from_pylist(metrics, schema=DSGChecker.output_schema)
 
 
 def test_local_verifier_gibberish_is_unreadable_not_a_no(tiny_vlm):
@@ -142,7 +142,7 @@ def test_local_verifier_gibberish_is_unreadable_not_a_no(tiny_vlm):
     from data_engine.captioning.testing import Reply, ScriptedChatServer
 
     with ScriptedChatServer(responder=lambda body: Reply(content=QUESTIONS_EXAMPLE)) as srv:
-        stage = DSGStage(
+        stage = DSGChecker(
             DSGQuestionsConfig(base_url=srv.base_url, model="llm"),
             DSGVerifyConfig(backend="local", model_path=str(tiny_vlm), device="cpu", batch_size=4),
         )

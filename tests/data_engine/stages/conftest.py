@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_engine.stages.clip_model import ClipModelConfig
+from data_engine.stages.clip_config import ClipModelConfig
 from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 
 

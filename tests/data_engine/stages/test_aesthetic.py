@@ -9,14 +9,10 @@ import pytest
 import torch
 from stage_helpers import make_clip, textured_frame
 
-from data_engine.stages.aesthetic import (
-    AestheticConfig,
-    AestheticHead,
-    AestheticScorer,
-    load_aesthetic_head,
-)
+from data_engine.stages.aesthetic import AestheticConfig, AestheticScorer, load_aesthetic_head
 from data_engine.stages.base import StageError
-from data_engine.stages.clip_model import encode_frame_stacks, even_frame_indices
+from data_engine.stages.clip_config import even_frame_indices
+from data_engine.stages.clip_model import AestheticHead, encode_frame_stacks
 
 
 def test_head_layout_matches_the_published_laion_predictor():

@@ -9,7 +9,8 @@ import pytest
 from stage_helpers import make_clip, textured_frame
 
 from data_engine.stages.category import CategoryConfig, CategoryScorer, softmax
-from data_engine.stages.clip_model import encode_frame_stacks, encode_texts, normalize_rows
+from data_engine.stages.clip_config import normalize_rows
+from data_engine.stages.clip_model import encode_frame_stacks, encode_texts
 
 
 def test_category_is_the_argmax_of_prompt_similarity(tiny_clip_cfg):

@@ -11,11 +11,10 @@ from PIL import Image
 from stage_helpers import make_clip, textured_frame
 
 from data_engine.stages.base import StageError
+from data_engine.stages.clip_config import clip_embed_dim, even_frame_indices
 from data_engine.stages.clip_model import (
     FramePreprocessor,
-    clip_embed_dim,
     encode_frame_stacks,
-    even_frame_indices,
     load_clip_from_config,
     load_open_clip,
 )
