@@ -14,14 +14,32 @@ and the paper does not say which variant it used. Our choice, documented here:
 
 Under DeepSpeed ZeRO-1/2 the optimizer only ever sees flat 1-D partitions, so the factoring
 cannot apply there (LESSONS.md): `optimizer_state_bytes` measures what each choice costs.
+Update clipping would then span a whole partition, whose size depends on the number of ranks,
+so the same run would take different steps on 1 and on 4 ranks. `attach_zero_partitions`
+tells the optimizer where each parameter lies in its partition; the RMS is then taken per
+parameter, summed over the ranks that hold its pieces (one all-reduce of one value per
+parameter per step), and ZeRO-2 on any number of ranks takes the unfactored AdaFactor step of
+the unpartitioned model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+
+@dataclass
+class FlatPartition:
+    """Where the model's parameters lie in one rank's flat ZeRO partition."""
+
+    lengths: list[int]  # elements of each consecutive piece of the partition
+    param_ids: list[int]  # the model parameter each piece belongs to (-1 = alignment padding)
+    param_numel: list[int]  # elements of every model parameter (the RMS denominator)
+    process_group: Any = None  # ranks sharing the partitions (None = the default group)
 
 
 class AdaFactor(torch.optim.Optimizer):
@@ -50,12 +68,14 @@ class AdaFactor(torch.optim.Optimizer):
             "factored": factored,
         }
         super().__init__(params, defaults)
+        # (group index, param index) -> FlatPartition, set by attach_zero_partitions.
+        self.flat_partitions: dict[tuple[int, int], FlatPartition] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 grad = p.grad.float()
@@ -88,15 +108,88 @@ class AdaFactor(torch.optim.Optimizer):
                     v = state["exp_avg_sq"]
                     v.mul_(beta2).add_(sq, alpha=1 - beta2)
                     update = grad * (v / correction).rsqrt()
-                # Update clipping: RMS(u) <= d (sec. 6).
-                rms = update.square().mean().sqrt().item()
-                update.div_(max(1.0, rms / group["clip_threshold"]))
+                # Update clipping: RMS(u) <= d (sec. 6), per parameter.
+                flat = self.flat_partitions.get((group_index, param_index))
+                if flat is None:
+                    rms = update.square().mean().sqrt().item()
+                    update.div_(max(1.0, rms / group["clip_threshold"]))
+                else:
+                    _clip_per_parameter(update, flat, group["clip_threshold"])
                 m = state["exp_avg"]
                 m.mul_(beta1).add_(update, alpha=1 - beta1)
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(m.to(p.dtype), alpha=-group["lr"])
         return loss
+
+
+def _clip_per_parameter(update: torch.Tensor, flat: FlatPartition, threshold: float) -> None:
+    """Update clipping on a flat partition with each parameter's own RMS over all ranks."""
+    import torch.distributed as dist
+
+    num_params = len(flat.param_numel)
+    pieces = update.split(flat.lengths)
+    sums = torch.zeros(num_params + 1, dtype=torch.float64, device=update.device)
+    ids = torch.tensor([i if i >= 0 else num_params for i in flat.param_ids], device=update.device)
+    sums.index_add_(0, ids, torch.stack([piece.double().square().sum() for piece in pieces]))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums, group=flat.process_group)  # a parameter may span two ranks
+    numel = torch.tensor([*flat.param_numel, 1], dtype=torch.float64, device=update.device)
+    rms = (sums / numel).sqrt()
+    factor = (rms / threshold).clamp(min=1.0)[ids].to(update.dtype)
+    lengths = torch.tensor(flat.lengths, device=update.device)
+    update.div_(torch.repeat_interleave(factor, lengths))
+
+
+def zero_partitions(zero_optimizer: Any, model: torch.nn.Module) -> list[FlatPartition]:
+    """One FlatPartition per parameter group of a DeepSpeed ZeRO-1/2 optimizer, read from the
+    layout it flattened the group into (parameters in order, each followed by its alignment
+    padding) and this rank's slice [rank * size, (rank + 1) * size) of it."""
+    import torch.distributed as dist
+
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    numel = [p.numel() for p in model.parameters()]
+    partitions = []
+    for i, tensors in enumerate(zero_optimizer.round_robin_bit16_groups):
+        group = zero_optimizer.real_dp_process_group[i]
+        size = zero_optimizer.partition_size[i]
+        start = size * dist.get_rank(group=group)
+        end = start + size
+        paddings = zero_optimizer.round_robin_bit16_padding[i] or [0] * len(tensors)
+        lengths, ids, cursor, position = [], [], start, 0
+        for tensor, padding in zip(tensors, paddings):
+            for first, last, pid in (
+                (position, position + tensor.numel(), index[id(tensor)]),
+                (position + tensor.numel(), position + tensor.numel() + padding, -1),
+            ):
+                lo, hi = max(first, start), min(last, end)
+                if lo < hi:
+                    lengths.append(hi - lo)
+                    ids.append(pid)
+                    cursor = hi
+            position += tensor.numel() + padding
+        if cursor < end:  # the group's tail padding
+            lengths.append(end - cursor)
+            ids.append(-1)
+        partitions.append(FlatPartition(lengths, ids, numel, group))
+    return partitions
+
+
+def attach_zero_partitions(zero_optimizer: Any, model: torch.nn.Module) -> bool:
+    """Make the AdaFactor inside a DeepSpeed ZeRO-1/2 optimizer clip per parameter (see the
+    module docstring); False when there is nothing to attach (another optimizer, no ZeRO)."""
+    inner = getattr(zero_optimizer, "optimizer", None)
+    if not isinstance(inner, AdaFactor) or not hasattr(zero_optimizer, "round_robin_bit16_groups"):
+        return False
+    for i, flat in enumerate(zero_partitions(zero_optimizer, model)):
+        (partition,) = inner.param_groups[i]["params"]
+        if sum(flat.lengths) != partition.numel():
+            raise RuntimeError(
+                f"ZeRO partition layout: {sum(flat.lengths)} elements mapped, "
+                f"{partition.numel()} in the partition"
+            )
+        inner.flat_partitions[(i, 0)] = flat
+    return True
 
 
 def build_optimizer(

@@ -125,6 +125,10 @@ class DataSection:
 
     batch_size: int = 8  # samples per rank per step, for every bucket not listed below
     bucket_batch_size: dict[str, int] = field(default_factory=dict)  # bucket key -> per-rank batch
+    # Token budget per rank per step (0 = off): each bucket not in bucket_batch_size gets as many
+    # samples as fit, so a step costs about the same at every shape (resolution traded against
+    # frames, as VideoX-Fun and Open-Sora do). Tokens = latent patches the model sees per sample.
+    max_tokens_per_rank: int = 0
     prefetch_steps: int = 16  # steps per read window; the next window is read while one trains
     steps_per_fetch: int = 4  # steps read by one Ray Data read task (training.data.rank_feed)
     fetch_num_cpus: float = 0.25  # CPUs reserved by each batch-fetching task
@@ -137,6 +141,8 @@ class DataSection:
             raise ValueError("data.prefetch_steps/fetch_num_cpus: must be >= 1 / > 0")
         if self.steps_per_fetch < 1:
             raise ValueError("data.steps_per_fetch: must be >= 1")
+        if self.max_tokens_per_rank < 0:
+            raise ValueError("data.max_tokens_per_rank: must be >= 0 (0 = use batch_size)")
 
 
 @dataclass
@@ -218,14 +224,19 @@ def load_train_config(
 
 
 def resume_checkpoint(
-    run_dir: Path, resume: str, num_workers: int, seed: int
+    run_dir: Path,
+    resume: str,
+    num_workers: int,
+    seed: int,
+    batch_sizes: dict[str, int] | None = None,
 ) -> tuple[int, Path] | None:
     """(step, path) of the checkpoint this run continues from, or None for a fresh run.
 
     `resume="auto"` continues when a checkpoint exists and starts fresh otherwise (what a
     retried cluster job needs); `"require"` insists on one. The data position (which rows each
     rank reads at each step) and the per-rank optimizer shards depend on the number of ranks and
-    the seed, so a checkpoint written under other values is refused with one line."""
+    the seed and the per-bucket batch sizes, so a checkpoint written under other values is
+    refused with one line."""
     from training.checkpoint import TRAIN_STATE_FILE, list_checkpoints
 
     if resume not in RESUME_MODES:
@@ -242,6 +253,8 @@ def resume_checkpoint(
         differs.append(f"{state['world_size']} ranks, this run has {num_workers}")
     if "seed" in state and int(state["seed"]) != seed:
         differs.append(f"seed {state['seed']}, this run has {seed}")
+    if batch_sizes is not None and state.get("batch_sizes", batch_sizes) != batch_sizes:
+        differs.append(f"batch sizes {state['batch_sizes']}, this run has {batch_sizes}")
     if differs:
         raise ConfigError(
             f"resume: the checkpoint at step {step} in {run_dir} was written with "
@@ -284,6 +297,43 @@ def resolve_model_config(cfg: TrainConfig, meta: dict[str, Any]):
         _, parent = load_ema_state(cfg.init_from.run_dir)
         model_cfg = inherit_rope_base(model_cfg, parent)
     return model_cfg
+
+
+def bucket_shape(key: str) -> tuple[int, int, int]:
+    """(num_frames, height, width) in pixels of a bucket key `f{frames}x{height}x{width}`."""
+    frames, height, width = (int(v) for v in key[1:].split("x"))
+    return frames, height, width
+
+
+def bucket_tokens(model_cfg, key: str, downsample: int) -> int:
+    """Patch tokens per sample of a bucket: latent frames over the temporal patch (one frame is
+    an image: one temporal token) times latent cells over the spatial patch. The latent
+    encoders work per frame, so a bucket's latent frames equal its pixel frames."""
+    frames, height, width = bucket_shape(key)
+    latent = [model_cfg.in_channels, frames, height // downsample, width // downsample]
+    return _tokens_per_sample(model_cfg, latent)
+
+
+def bucket_batch_sizes(
+    data: DataSection, keys: list[str], model_cfg, downsample: int
+) -> dict[str, int]:
+    """Per-rank batch size of each bucket: `bucket_batch_size` where given, else as many
+    samples as fit `max_tokens_per_rank`, else `batch_size`."""
+    sizes = {}
+    for key in keys:
+        if key in data.bucket_batch_size:
+            sizes[key] = data.bucket_batch_size[key]
+        elif data.max_tokens_per_rank:
+            tokens = bucket_tokens(model_cfg, key, downsample)
+            if tokens > data.max_tokens_per_rank:
+                raise ConfigError(
+                    f"data.max_tokens_per_rank: {data.max_tokens_per_rank} is below one sample of "
+                    f"bucket {key} ({tokens} tokens)"
+                )
+            sizes[key] = data.max_tokens_per_rank // tokens
+        else:
+            sizes[key] = data.batch_size
+    return sizes
 
 
 def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dict[str, Any]:
@@ -424,7 +474,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         write_encoders,
     )
     from training.data import index_table, rank_feed
-    from training.optim import EMA, build_optimizer, optimizer_state_bytes, warmup_constant
+    from training.optim import (
+        EMA,
+        attach_zero_partitions,
+        build_optimizer,
+        optimizer_state_bytes,
+        warmup_constant,
+    )
 
     cfg = load_config(TrainConfig, base=loop_config["config"])
     model_cfg = STIVConfig.from_dict(loop_config["model_config"])
@@ -462,9 +518,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer, warmup_constant(cfg.optimizer.warmup_steps)
     )
     ds_config = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        # DeepSpeed only books these (our loop feeds the batches): the largest bucket batch.
+        "train_micro_batch_size_per_gpu": loop_config["micro_batch"],
         "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.batch_size * world,
+        "train_batch_size": loop_config["micro_batch"] * world,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": cfg.scaling.zero_stage},
         # A client optimizer (AdaFactor) under ZeRO needs this (LESSONS.md).
@@ -474,6 +531,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    # AdaFactor on ZeRO's flat partitions clips per parameter, so the step is the same on any
+    # number of ranks (training/optim.py).
+    attach_zero_partitions(optimizer, engine.module)
     ema = EMA(engine.module, cfg.ema_decay, cfg.ema_warmup) if rank == 0 else None
 
     step = 0
@@ -503,7 +563,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         meta["storage_dtype"],
         loop_config["storage_options"],
     )
-    batch_sizes = {k: cfg.data.bucket_batch_size.get(k, cfg.data.batch_size) for k in index.buckets}
+    batch_sizes = bucket_batch_sizes(
+        cfg.data, list(index.buckets), model_cfg, int(meta["downsample"])
+    )
+    if rank == 0:
+        print(f"per-rank batch sizes: {batch_sizes}")
     null_text = (
         torch.from_numpy(
             np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, model_cfg.text_dim).copy()
@@ -532,6 +596,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                             "table_version": index.version,
                             "seed": cfg.seed,
                             "world_size": world,
+                            "batch_sizes": batch_sizes,
                         }
                     )
                 )
@@ -546,6 +611,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optim_bytes = None
     # Since the last metric line, on this rank: samples, tokens and training FLOPs.
     interval = {"samples": 0.0, "tokens": 0.0, "flops": 0.0}
+    interval_steps = 0
     for step_index, batch in rank_feed(
         index,
         batch_sizes,
@@ -593,6 +659,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             optim_bytes = optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer))
 
         latent_shape = list(x1.shape[1:])
+        interval_steps += 1
         interval["samples"] += b
         interval["tokens"] += b * _tokens_per_sample(model_cfg, latent_shape)
         interval["flops"] += b * flops_per_sample(
@@ -620,6 +687,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             now = time.perf_counter()
             elapsed, last = now - last, now
             interval = dict.fromkeys(interval, 0.0)
+            steps_logged, interval_steps = interval_steps, 0
             logged = {
                 "step": step,
                 "loss": stats[0].item() / world,  # mean of the ranks' batch losses
@@ -627,6 +695,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "samples_per_s": stats[1].item() / elapsed,
                 "tokens_per_s": stats[2].item() / elapsed,
+                "tokens_per_step": stats[2].item() / max(1, steps_logged),  # over all ranks
                 "optimizer_state_bytes_rank0": optim_bytes,
             }
             if use_gpu:
@@ -692,7 +761,10 @@ def run_train(
     started = ensure_ray(address)
     try:
         scaling = resolve_scaling(cfg.scaling, ray.cluster_resources())
-        resumed = resume_checkpoint(run_dir, resume, scaling["num_workers"], cfg.seed)
+        keys = sorted(set(db.table(cfg.latents_table, table_version).to_table(columns=["bucket"])
+                          ["bucket"].to_pylist()))  # fmt: skip
+        batch_sizes = bucket_batch_sizes(cfg.data, keys, model_cfg, int(meta["downsample"]))
+        resumed = resume_checkpoint(run_dir, resume, scaling["num_workers"], cfg.seed, batch_sizes)
         checkpoints = [resumed] if resumed else []
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "resolved_config.yaml")
@@ -705,6 +777,7 @@ def run_train(
             "storage_options": db.storage_options,
             "table_version": table_version,
             "resume_path": str(checkpoints[-1][1]) if checkpoints else "",
+            "micro_batch": max(batch_sizes.values()),
             **scaling,
         }
         resources = {"CPU": scaling["cpus_per_worker"]}
@@ -741,6 +814,7 @@ def run_train(
         "resumed_from_step": checkpoints[-1][0] if checkpoints else 0,
         "checkpoint": str(final[-1][1]) if final else None,
         "num_workers": scaling["num_workers"],
+        "batch_sizes": batch_sizes,
         "cpus_per_worker": scaling["cpus_per_worker"],
         "use_gpu": scaling["use_gpu"],
         "parameters": int(sum(np.prod(s) for s in param_shapes(model_cfg))),

@@ -135,6 +135,9 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
         source = temporal if ".temporal." in f".{key}" else spatial
         torch.testing.assert_close(value, source.state_dict()[key], atol=1e-6, rtol=0), key
     assert [s for s, _ in list_checkpoints(tmp_path / "runs/t2v-both")] == [2]
+    # Tokens per step over both ranks: 2 ranks x 2 samples x 64 (f8x16x16) or 96 (f8x16x24).
+    metrics = [json.loads(ln) for ln in (tmp_path / "runs/t2v-both/metrics.jsonl").open()]
+    assert {m["tokens_per_step"] for m in metrics} <= {256.0, 384.0} and len(metrics) == 2
 
     assert main(["train", "--config", "both.yaml", "--set", "scaling.num_workers=1",
                  "--set", "max_steps=4"]) == 2  # fmt: skip
@@ -144,3 +147,22 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
                  "--set", "run_dir=runs/empty"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume=require: no checkpoint" in err[0], err
+
+
+def test_token_budget_batch_sizes_trade_resolution_against_frames():
+    """With `data.max_tokens_per_rank`, each bucket gets as many samples as fit the budget (the
+    VideoX-Fun trade of 512^2 x 49 against 768^2 x 21 and 1024^2 x 9 at one token length);
+    an explicit bucket_batch_size wins; a budget below one sample names the field."""
+    from model.config import get_preset
+    from training.train import DataSection, bucket_batch_sizes, bucket_tokens
+
+    xl = get_preset("stiv-xl")  # patch 2, temporal patch 2; an 8x VAE
+    keys = ["f49x512x512", "f21x768x768", "f9x1024x1024", "f1x256x256"]
+    assert [bucket_tokens(xl, k, 8) for k in keys] == [24 * 32 * 32, 10 * 48 * 48, 4 * 64 * 64, 256]
+    sizes = bucket_batch_sizes(DataSection(max_tokens_per_rank=49152), keys, xl, 8)
+    assert sizes == {"f49x512x512": 2, "f21x768x768": 2, "f9x1024x1024": 3, "f1x256x256": 192}
+    given = DataSection(max_tokens_per_rank=49152, bucket_batch_size={"f1x256x256": 64})
+    assert bucket_batch_sizes(given, keys, xl, 8)["f1x256x256"] == 64
+    assert bucket_batch_sizes(DataSection(batch_size=5), keys, xl, 8) == dict.fromkeys(keys, 5)
+    with pytest.raises(ConfigError, match=r"data\.max_tokens_per_rank: 20000 is below one sample"):
+        bucket_batch_sizes(DataSection(max_tokens_per_rank=20000), keys, xl, 8)
