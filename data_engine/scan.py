@@ -292,7 +292,7 @@ def _scan(
         frame = first
         try:
             while frame is not None:
-                image = frame_to_array(frame, det_w, det_h, "bgr24", reformatter)
+                image = frame_to_array(frame, det_w, det_h, "bgr24", reformatter, sharp=False)
                 yield from close(tracker.push(index, image))
                 if keep_frames and not tracker.in_dark and shot.wants(index):
                     rgb = frame_to_array(frame, out_w, out_h, "rgb24", reformatter)

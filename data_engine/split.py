@@ -2,7 +2,7 @@
 
 PySceneDetect's CLI decodes every frame to full-resolution BGR with OpenCV, then resizes it with
 `cv2.resize`. We decode the same frames with PyAV, shrink the decoder's own Y, U and V planes
-with `cv2.resize(INTER_AREA)` and convert only the small picture to BGR
+with `cv2.resize(INTER_LINEAR)` (as PySceneDetect does) and convert only the small picture to BGR
 (`data_engine.video.frame_to_array`): the
 full-size colour conversion, which costs more than decoding H.264, never happens
 (docs/design-notes.md, "Where decode time goes"). The detectors' own `process_frame` then runs
@@ -247,7 +247,7 @@ def run_detectors(
     with open_container(uri, storage_options, "split", cfg.timeout_s) as container:
         stream = video_stream(container, uri, "split")
         for index, frame in enumerate(decode_frames(container, stream, uri, "split", deadline)):
-            tracker.push(index, frame_to_array(frame, det_w, det_h, "bgr24", reformatter))
+            tracker.push(index, frame_to_array(frame, det_w, det_h, "bgr24", reformatter, False))
     if index < 0:
         raise VideoError("split", "decode_error", f"{uri}: no frame decodes")
     tracker.finish()

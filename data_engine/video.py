@@ -291,21 +291,27 @@ _YUV_TO = {"bgr24": cv2.COLOR_YUV2BGR_I420, "rgb24": cv2.COLOR_YUV2RGB_I420}
 
 
 def frame_to_array(
-    frame: av.VideoFrame, width: int, height: int, fmt: str, reformatter: VideoReformatter
+    frame: av.VideoFrame,
+    width: int,
+    height: int,
+    fmt: str,
+    reformatter: VideoReformatter,
+    sharp: bool = True,
 ) -> np.ndarray:
     """The frame shrunk to (height, width, 3) uint8 in `fmt` ("bgr24" | "rgb24"); `width` and
     `height` even. For 8-bit 4:2:0 (nearly all H.264/HEVC/VP9/AV1) the Y, U and V planes are
-    each resized with cv2.INTER_AREA and only the small picture is colour-converted: measured
-    here about 4x cheaper than swscale's scale+convert, and the full-size conversion (which
-    costs more than decoding H.264) never happens (docs/design-notes.md). Other pixel formats
-    (10-bit, 4:2:2, RGB) go through swscale."""
+    each resized and only the small picture is colour-converted: the full-size conversion
+    (which costs more than decoding H.264) never happens (docs/design-notes.md). `sharp` picks
+    INTER_AREA (every source pixel counts: frames the scorers see); otherwise INTER_LINEAR,
+    8x cheaper at a 5x shrink and what PySceneDetect itself downscales with (the detectors'
+    frames). Other pixel formats (10-bit, 4:2:2, RGB) go through swscale."""
     if frame.format.name not in _PLANAR_420:
         return reformatter.reformat(
             frame, width=width, height=height, format=fmt, interpolation="AREA"
         ).to_ndarray()
     yuv = np.empty((height * 3 // 2, width), np.uint8)
     luma = plane_array(frame, 0)
-    interpolation = cv2.INTER_AREA if luma.shape[1] >= width else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if sharp and luma.shape[1] >= width else cv2.INTER_LINEAR
     cv2.resize(luma, (width, height), dst=yuv[:height], interpolation=interpolation)
     chroma = yuv[height:].reshape(2, height // 2, width // 2)
     for plane in (1, 2):

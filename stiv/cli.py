@@ -29,7 +29,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     cfg = load_curate_config(args.config, args.set, args.stages)
     if not args.inputs and args.stages is None:
         raise CliError("curate: give INPUT videos/directories/manifests, or --stages to backfill")
-    summary = run_curate(args.inputs, args.db, cfg, address=args.address)
+    summary = run_curate(args.inputs, args.db, cfg, address=args.address, verbose=args.verbose)
     if args.format == "json":
         print(json.dumps(summary.as_dict()))
     else:
@@ -44,27 +44,49 @@ def _database(args: argparse.Namespace):
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from data_engine.store import StoreError, rows_to_json
+    import stiv
 
-    db = _database(args)
-    if not db.has_table(args.table):
-        raise StoreError(
-            f"--table {args.table!r}: no such table in {db.uri} (have: {', '.join(db.tables()) or 'none'})"
-        )
+    db = stiv.open(args.db)
     columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    where, source = args.where, {"snapshot": args.snapshot, "version": args.version}
+    if args.snapshot is None:
+        source["table"] = args.table
+    elif args.version is not None:
+        raise CliError("--snapshot and --version: give one (a snapshot pins its version)")
+    if args.count and args.summary:
+        raise CliError("--count and --summary: give one")
     if args.text:
-        from data_engine.stages.search import text_search
-
         if args.table != "clips":
             raise CliError("--text searches the clips table only")
-        rows = text_search(
-            db.table("clips"), args.text, where=args.where, limit=args.limit or 10, columns=columns
-        )
+        if args.count or args.summary:
+            raise CliError(
+                "--text returns the --limit clips nearest the text; --count/--summary do not "
+                "apply (count what a filter keeps with --where ... --count)"
+            )
+        if args.version is not None:
+            raise CliError("--text searches the latest clips or a --snapshot; not a --version")
+        rows = db.text_search(
+            args.text, where, args.limit or 10, columns, order_by=args.order_by,
+            desc=args.desc, snapshot=args.snapshot,
+        )  # fmt: skip
     elif args.count:
-        print(db.count(args.table, args.where))
+        print(db.count(where, **source))
+        return 0
+    elif args.summary:
+        summary = db.summary(where, **source)
+        if args.format == "json":
+            print(json.dumps({**summary.__dict__, "share": summary.share}))
+        else:
+            print(
+                f"{summary.num_rows:,} of {summary.total_rows:,} rows ({100 * summary.share:.2f}%), "
+                f"{summary.hours:,.2f} hours of video  [{summary.table}@v{summary.version}, "
+                f"where: {summary.where or 'all'}]"
+            )
         return 0
     else:
-        rows = db.query(args.table, args.where, columns, args.order_by, args.desc, args.limit)
+        rows = db.query(where, columns, args.order_by, args.desc, args.limit, **source)
+    from data_engine.store import rows_to_json
+
     if args.format == "json":
         print(rows_to_json(rows))
     elif args.format == "csv":
@@ -109,7 +131,9 @@ def _print_table(rows) -> None:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    db = _database(args)
+    import stiv
+
+    db = stiv.open(args.db)
     if args.snapshot_cmd == "create":
         snap = db.create_snapshot(args.name, args.where, table=args.table)
         print(
@@ -117,8 +141,19 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             if args.format == "json"
             else f"snapshot {snap.name!r}: {snap.num_rows} rows of {snap.table} at version {snap.version} (where: {snap.where or 'all'})"
         )
+    elif args.snapshot_cmd == "show":
+        snap = db.snapshot(args.name)
+        summary = db.summary(snapshot=args.name)
+        shown = {**snap.__dict__, "hours": summary.hours, "table_rows": summary.total_rows}
+        if args.format == "json":
+            print(json.dumps(shown))
+        else:
+            for key in ("name", "table", "version", "where", "num_rows", "hours", "table_rows"):
+                value = shown[key]
+                text = f"{value:,.2f}" if isinstance(value, float) else str(value)
+                print(f"{key + ':':<12} {text or 'all'}")
     else:
-        snaps = db.list_snapshots()
+        snaps = db.snapshots()
         if args.format == "json":
             print(json.dumps({"snapshots": [s.__dict__ for s in snaps]}))
         else:
@@ -128,6 +163,21 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 )
             if not snaps:
                 print("(no snapshots)")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    import stiv
+
+    report = stiv.open(args.db).optimize()
+    if args.format == "json":
+        print(json.dumps(report))
+    else:
+        for table, r in report.items():
+            print(
+                f"{table}: {r['fragments_before']} -> {r['fragments_after']} fragments, "
+                f"{r['versions_removed']} old versions removed ({r['bytes_removed']:,} bytes)"
+            )
     return 0
 
 
@@ -154,7 +204,10 @@ def cmd_dsg_report(args: argparse.Namespace) -> int:
 
     db = _database(args)
     rows = db.query("clips", args.where)
-    report = dsg_report(rows)
+    try:
+        report = dsg_report(rows)
+    except ValueError as err:  # the clips table lacks the dsg stage's columns
+        raise CliError(str(err)) from None
     if args.format == "json":
         print(json.dumps(report))
     else:
@@ -235,25 +288,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or embedded)")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="summary format")
+    p.add_argument(
+        "--verbose", action="store_true", help="also show Ray Data's per-operator logs and bars"
+    )
     p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("query", help="filter, sort and print rows of a table")
     p.add_argument("--db", required=True)
     p.add_argument("--table", default="clips")
     p.add_argument(
-        "--where", help='SQL filter, e.g. "aesthetic_score > 5 AND motion_score BETWEEN 2 AND 20"'
+        "--where",
+        help='one SQL boolean expression, e.g. "aesthetic_score > 5 AND motion_score BETWEEN 2 AND 20"',
     )
     p.add_argument("--columns", help="comma-separated columns")
     p.add_argument("--order-by")
     p.add_argument("--desc", action="store_true")
     p.add_argument("--limit", type=int)
-    p.add_argument("--text", help="rank clips by CLIP text-to-clip similarity")
+    p.add_argument(
+        "--text", help="rank clips by CLIP text-to-clip similarity (--order-by re-sorts them)"
+    )
+    p.add_argument("--snapshot", help="read a snapshot's pinned rows (its filter AND --where)")
+    p.add_argument("--version", type=int, help="read this table version")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--count", action="store_true", help="print the number of matching rows")
+    p.add_argument(
+        "--summary", action="store_true", help="print what --where keeps: clips, hours, share"
+    )
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("snapshot", help="create or list snapshots pinned to table versions")
+    p = sub.add_parser("snapshot", help="create, show or list snapshots pinned to table versions")
     ssub = p.add_subparsers(dest="snapshot_cmd", required=True)
     c = ssub.add_parser("create")
     c.add_argument("--db", required=True)
@@ -261,10 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--where", default="")
     c.add_argument("--table", default="clips")
     c.add_argument("--format", choices=("table", "json"), default="table")
+    c = ssub.add_parser("show", help="filter, pinned version, rows and hours of one snapshot")
+    c.add_argument("name")
+    c.add_argument("--db", required=True)
+    c.add_argument("--format", choices=("table", "json"), default="table")
     c = ssub.add_parser("list")
     c.add_argument("--db", required=True)
     c.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_snapshot)
+
+    p = sub.add_parser("db", help="maintain the database")
+    dsub = p.add_subparsers(dest="db_cmd", required=True)
+    c = dsub.add_parser(
+        "optimize",
+        help="compact tables, refresh indexes, drop old versions (never a snapshot's)",
+    )
+    c.add_argument("--db", required=True)
+    c.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("model-info", help="parameter counts of a model preset")
     p.add_argument("--preset", required=True)
@@ -300,7 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--address")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default="auto",
+        choices=("auto", "require"),
+        help="continue from the latest checkpoint when there is one (the default; "
+        "--resume=require: fail when there is none)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="T2V / TI2V / interpolation / prediction from a checkpoint")
@@ -342,10 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data_engine.stages.base import StageError
     from data_engine.store import StoreError
+    from stiv.api import QueryError
     from stiv.config import ConfigError
     from training.checkpoint import CheckpointError
 
-    return (CliError, ConfigError, StoreError, StageError, CheckpointError, FileNotFoundError)
+    return (
+        CliError, ConfigError, QueryError, StoreError, StageError, CheckpointError,
+        FileNotFoundError,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
