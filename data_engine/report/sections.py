@@ -15,8 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_engine.captioning.report import REQUIRED_COLUMNS as DSG_COLUMNS
-from data_engine.captioning.report import dsg_report
 from data_engine.report.scan import (
     CATEGORY,
     DURATION,
@@ -40,6 +38,9 @@ DUPLICATES_PER_GROUP = 4  # duplicates shown beside each kept clip
 DSG_EXAMPLES = 4  # clips with hallucinations shown with their failed claims
 DSG_TOP_OBJECTS = 15  # most often hallucinated objects listed
 _FAILED_VERDICTS = ("hallucinated", "false")
+# data_engine.captioning.report.REQUIRED_COLUMNS, repeated here so that a table without DSG
+# results never imports the captioning package (its HTTP client costs 0.2 s of start-up).
+DSG_COLUMNS = ("dsg_status", "dsg_num_objects", "dsg_num_hallucinated")
 _CLAIM_COLUMNS = ("clip_id", "question_id", "kind", "question", "object", "verdict")
 _CLAIM_COLUMNS += ("frame_times_s", "frame_answers")
 
@@ -267,6 +268,8 @@ def dsg_section(db: Database, selection: Selection) -> DsgSection:
 
 def _dsg_metrics(selection: Selection, names: set[str]) -> dict[str, Any]:
     """dsg_report per batch, its counts summed and both percentages recomputed from them."""
+    from data_engine.captioning.report import dsg_report
+
     optional = ("dsg_num_attr_rel", "dsg_num_attr_rel_false", "dsg_num_attr_rel_skipped")
     columns = [*DSG_COLUMNS, *(c for c in optional if c in names)]
     totals: dict[str, int] = {}

@@ -369,3 +369,11 @@ def test_write_report_rejects_missing_database(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no such database"):
         write_report(tmp_path / "nope", tmp_path / "out")
     assert not (tmp_path / "nope").exists()
+
+
+def test_dsg_columns_match_the_captioning_report() -> None:
+    """The report's copy of the DSG column names must follow data_engine.captioning.report."""
+    from data_engine.captioning.report import REQUIRED_COLUMNS
+    from data_engine.report.sections import DSG_COLUMNS
+
+    assert DSG_COLUMNS == REQUIRED_COLUMNS
