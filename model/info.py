@@ -78,3 +78,92 @@ def model_info(preset: str | STIVConfig, **overrides: Any) -> dict[str, Any]:
         info["paper_relative_error"] = errs
         info["paper_matches"] = best
     return info
+
+
+def _saved_bytes(
+    cfg: STIVConfig, latent_shape: tuple[int, ...], text_len: int, batch: int, device: str
+) -> tuple[int, int]:
+    """(bytes of the tensors autograd saves in one training forward of `cfg`, of those the
+    first block saves), weights excluded (meta: every saved tensor in full; a real device:
+    each saved storage once)."""
+    c, t, h, w = latent_shape
+    with torch.device(device):
+        model = STIV(cfg).train()
+        x = torch.zeros(batch, c, t, h, w)
+        timestep = torch.full((batch,), 0.5)
+        tokens = torch.zeros(batch, text_len, cfg.text_dim)
+        mask = torch.ones(batch, text_len, dtype=torch.bool)
+        pooled = torch.zeros(batch, cfg.text_dim)
+        micro = torch.zeros(batch, 7)
+        n = (h // cfg.patch_size) * (w // cfg.patch_size)
+        keep = max(1, round(n * (1.0 - cfg.mask_ratio)))
+        token_keep = torch.arange(keep).expand(batch, keep) if cfg.mask_ratio > 0 else None
+    params = {id(p) for p in model.parameters()}
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()} - {0}
+    meta = torch.device(device).type == "meta"
+    seen: dict[int, int] = {}
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        if id(saved) in params:
+            return saved
+        if meta:
+            seen[id(saved)] = saved.numel() * saved.element_size()
+        elif saved.untyped_storage().data_ptr() not in param_ptrs:
+            seen[saved.untyped_storage().data_ptr()] = saved.untyped_storage().nbytes()
+        return saved
+
+    marks: list[int] = []
+    first = model.blocks[0]
+    first.register_forward_pre_hook(lambda *_: marks.append(sum(seen.values())))
+    first.register_forward_hook(lambda *_: marks.append(sum(seen.values())))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        model(x, timestep, tokens, mask, pooled, micro, token_keep=token_keep).square().mean()
+    return sum(seen.values()), marks[1] - marks[0]
+
+
+def activation_bytes(
+    cfg: STIVConfig,
+    latent_shape: tuple[int, int, int, int],
+    text_len: int,
+    batch: int = 1,
+    device: str = "meta",
+    element_bytes: int = 4,
+) -> dict[str, int]:
+    """Activation memory of one training step: {"without_checkpointing", "with_checkpointing"}
+    in bytes, for `batch` samples of `latent_shape` (C, T, h, w) under MaskDiT at
+    `cfg.mask_ratio`.
+
+    Without checkpointing: what autograd saves for backward, traced on `device`. The meta
+    device allocates nothing, so a preset of any size traces in well under a second: the model
+    is traced with one masked block, whose share (all blocks being alike) is extrapolated to
+    `cfg.num_blocks`. On the meta device views cannot be told
+    from copies, so every saved tensor counts in full (an upper bound); on a real device each
+    saved storage counts once.
+
+    With checkpointing (selective: `model.network` keeps the self-attention outputs and
+    recomputes the rest): the blocks' inputs (traced), the kept spatial and temporal attention
+    outputs (B * frames * tokens * d each, `element_bytes` per value), and one block's
+    activations rebuilt during its backward."""
+
+    def trace(checkpointing: bool) -> tuple[int, int]:
+        small = cfg.replace(
+            num_blocks=cfg.num_extra_unmasked_blocks + 1, grad_checkpointing=checkpointing
+        )
+        return _saved_bytes(small, latent_shape, text_len, batch, device)
+
+    one, block = trace(False)
+    without = one + (cfg.num_masked_blocks - 1) * block
+    _, t, h, w = latent_shape
+    frames = max(1, t // cfg.temporal_patch_size)
+    n = (h // cfg.patch_size) * (w // cfg.patch_size)
+    kept = max(1, round(n * (1.0 - cfg.mask_ratio)))
+    per_token = cfg.hidden_size * element_bytes * batch * frames
+    # A checkpointed block keeps its input tokens; the rest of its inputs are shared.
+    inputs = trace(True)[0] + (cfg.num_masked_blocks - 1) * per_token * kept
+    has_temporal = cfg.temporal_attention and frames > 1
+    kept_outputs = (
+        (1 + has_temporal)
+        * per_token
+        * (cfg.num_masked_blocks * kept + cfg.num_extra_unmasked_blocks * n)
+    )
+    return {"without_checkpointing": without, "with_checkpointing": inputs + kept_outputs + block}
