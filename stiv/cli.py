@@ -235,8 +235,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import run_train
+    from training.train import dry_run, run_train
 
+    if args.dry_run:
+        print(json.dumps(dry_run(args.config, args.set, args.bucket), indent=1))
+        return 0
     summary = run_train(args.config, args.set, address=args.address, resume=args.resume)
     print(json.dumps(summary))
     return 0
@@ -386,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "require"),
         help="continue from the latest checkpoint when there is one (the default; "
         "--resume=require: fail when there is none)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameters, FLOPs, tokens per bucket, estimated memory "
+        "per rank and ZeRO partition sizes, then exit (no Ray)",
+    )
+    p.add_argument(
+        "--bucket",
+        action="append",
+        metavar="FxHxW",
+        help="--dry-run without a latents table: a bucket shape in pixels, e.g. 20x256x256",
     )
     p.set_defaults(func=cmd_train)
 
