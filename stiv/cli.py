@@ -262,6 +262,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tiny_models(args: argparse.Namespace) -> int:
+    from training.encoders import write_tiny_models
+
+    try:
+        print(json.dumps(write_tiny_models(args.out)))
+    except FileExistsError as err:
+        raise CliError(str(err)) from None
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from training.checkpoint import export_ema
 
@@ -432,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="generated.mp4", help="MP4 path; a PNG strip is written beside it"
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "tiny-models", help="write the seeded tiny encoders the *-tiny-cpu pipelines name"
+    )
+    p.add_argument("--out", default="models", help="directory (pipelines expect models/)")
+    p.set_defaults(func=cmd_tiny_models)
 
     p = sub.add_parser("export", help="consolidated EMA weights + config as one safetensors file")
     p.add_argument("--run", required=True, help="run directory")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from training.shapes import CAPTION_WORDS, COLOURS, DIRECTIONS, SHAPES, ShapeSpec
+from training.shapes import COLOURS, DIRECTIONS, SHAPES, ShapeSpec
 
 VIDEO_SIZE = 64  # curated videos (px); prepare crops/resizes them to the 32 px bucket
 VIDEO_FRAMES = 16  # at 8 fps: 2 s; prepare takes 8 frames at stride 2
@@ -84,7 +84,7 @@ def build_data(root: Path, videos_per_combo: int) -> dict[str, Any]:
     from data_engine.config import load_curate_config
     from data_engine.pipeline import run_curate
     from data_engine.store import Database
-    from training.encoders import make_tiny_text_encoder
+    from training.encoders import write_tiny_models
     from training.prepare import run_prepare
     from training.shapes import write_dataset
 
@@ -100,9 +100,7 @@ def build_data(root: Path, videos_per_combo: int) -> dict[str, Any]:
     if "demo" not in {s.name for s in db.list_snapshots()}:
         # Every training video moves; the filter is the data engine's job, so use it.
         db.create_snapshot("demo", "motion_score > 0.2 AND caption IS NOT NULL")
-    text_dir = make_tiny_text_encoder(
-        root / "models" / "tiny-clip-text", max_length=16, words=CAPTION_WORDS
-    )
+    text_dir = write_tiny_models(root / "models")["text"]
     text_sets = [f"encoder.text_path={text_dir}", "encoder.text_max_length=16"]
     video = run_prepare(str(root / "db"), "demo", "pipelines/prepare-tiny-cpu.yaml", text_sets)
     image = run_prepare(

@@ -357,3 +357,20 @@ def build_latent_encoder(
     if kind == "vae":
         return VAEEncoder(vae_path, device=device)
     raise ValueError(f"encoder.kind: unknown encoder {kind!r} (pixel | vae)")
+
+
+TINY_TEXT_DIR = "tiny-clip-text"  # the directory name pipelines/*-tiny-cpu*.yaml expect
+
+
+def write_tiny_models(out: str | Path) -> dict[str, str]:
+    """Write the seeded tiny encoders the tiny CPU pipelines name (`models/tiny-clip-text` in
+    pipelines/prepare-tiny-cpu*.yaml): the CLIP text stand-in with the train-demo's caption
+    words as single tokens, 16 tokens long. Returns {name: directory}. Same seed, same files:
+    rerunning overwrites with identical weights."""
+    from training.shapes import CAPTION_WORDS
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} exists and is not a directory")
+    text = make_tiny_text_encoder(out / TINY_TEXT_DIR, max_length=16, words=CAPTION_WORDS)
+    return {"text": str(text.absolute())}
