@@ -64,11 +64,25 @@ class Generator:
 
     def __init__(self, checkpoint: str, device: str = "cpu") -> None:
         from training.checkpoint import load_ema_model, load_encoders
+
+        model, config = load_ema_model(checkpoint, device=device)
+        self._setup(model, config, *load_encoders(checkpoint), device)
+
+    @classmethod
+    def from_parts(
+        cls, model: Any, config: Any, info: dict[str, Any], null: tuple, device: str = "cpu"
+    ) -> Generator:
+        """A generator around an in-memory model (validation during training); `model` may be
+        None until a sampling call needs it."""
+        generator = cls.__new__(cls)
+        generator._setup(model, config, info, null, device)
+        return generator
+
+    def _setup(self, model: Any, config: Any, info: dict[str, Any], null: tuple, device: str):
         from training.encoders import TextEncoder, build_latent_encoder
 
-        self.model, self.config = load_ema_model(checkpoint, device=device)
-        self.info, null = load_encoders(checkpoint)
-        self.null_tokens, self.null_mask, self.null_pooled = null
+        self.model, self.config, self.info = model, config, info
+        self.null_tokens, self.null_mask, self.null_pooled = (x.to(device) for x in null)
         self.text = TextEncoder(self.info["text_path"], "encoders.text_path (from the checkpoint)",
                                 int(self.info["text_len"]), device=device)  # fmt: skip
         self.latent = build_latent_encoder(

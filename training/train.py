@@ -30,11 +30,18 @@ import numpy as np
 
 from stiv.config import ConfigError, load_config, save_config, to_dict
 from training.paths import resolve_path_fields
+from training.validation import EvalSection
 
 INIT_MODES = ("none", "plain", "t2v_from_t2i", "both")
 RESUME_MODES = ("auto", "require")  # auto: resume when a checkpoint exists; require: insist
 # Every path field of TrainConfig (dotted), made absolute on the driver (training/paths.py).
-TRAIN_PATH_FIELDS = ("db", "run_dir", "init_from.run_dir", "init_from.temporal_run_dir")
+TRAIN_PATH_FIELDS = (
+    "db",
+    "run_dir",
+    "init_from.run_dir",
+    "init_from.temporal_run_dir",
+    "eval.image",
+)
 
 
 # --------------------------------------------------------------------------- config
@@ -188,6 +195,7 @@ class TrainConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     data: DataSection = field(default_factory=DataSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    eval: EvalSection = field(default_factory=EvalSection)  # validation samples while training
     ema_decay: float = 0.9999  # EMA of weights (fp32)
     ema_warmup: bool = False  # ramp the decay as (1+s)/(10+s) (short CPU runs)
     log_every: int = 10  # steps between metric lines
@@ -579,6 +587,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )
     null_text = tuple(x.to(device) for x in null_text)
 
+    validator = None
+    if rank == 0 and cfg.eval.every_steps:
+        from training.validation import Validator
+
+        validator = Validator(
+            cfg.eval, model_cfg, meta, null_text, run_dir, bucket_shape(sorted(index.buckets)[0]),
+            str(device),
+        )  # fmt: skip
+
     def save_checkpoint(at_step: int, metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp_dir = Path(tmp)
@@ -714,6 +731,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     print(f"max_minutes ({cfg.max_minutes}) reached: stopping at step {step}")
                 save_checkpoint(step, {"step": step, "loss": loss.item()})
                 break
+        if validator is not None and step % cfg.eval.every_steps == 0:
+            validator(ema.state_dict(), step, writer)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             save_checkpoint(step, {"step": step, "loss": loss.item()})
     if writer is not None:
