@@ -36,6 +36,9 @@ def _cases(run: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
         "generate: odd frame count": [*generate, "--frames", "7", "--height", "16", "--width", "16"],
         "generate: odd size": [*generate, "--frames", "4", "--height", "18", "--width", "16"],
         "generate: missing run": ["generate", "--checkpoint", str(tmp / "none"), "--prompt", "x"],
+        "train --dry-run: bad --bucket": ["train", "--config", "pipelines/train-t2v-xl-256.yaml",
+                                          "--dry-run", "--bucket", "20x256"],
+        "tiny-models: --out is a file": ["tiny-models", "--out", str(run["root"] / "prepare.yaml")],
         "export: missing run": ["export", "--run", str(tmp / "none"), "--out", str(tmp / "m.safetensors")],
     }  # fmt: skip
 

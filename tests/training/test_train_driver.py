@@ -46,7 +46,7 @@ def _path_like_fields(cls, prefix: str = "") -> list[str]:
         tp, name = hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
             found += _path_like_fields(tp, f"{name}.")
-        elif tp is str and (f.name == "db" or f.name.endswith(("_dir", "_path"))):
+        elif tp is str and (f.name in ("db", "image") or f.name.endswith(("_dir", "_path"))):
             found.append(name)
     return found
 
@@ -96,7 +96,8 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
     The stage is a "both" initialisation given by relative paths (as the *-both.yaml files
     are), which must reach the Ray Train workers resolved. Two ranks train; resuming that run
     on one rank is refused with one line (the data position depends on the world size), and
-    `--resume=require` on an empty run_dir keeps the strict error."""
+    `--resume=require` on an empty run_dir keeps the strict error. Validation samples and
+    tokens per step are logged on the way."""
     monkeypatch.chdir(tmp_path)
     base = {"db": train_db, "run_dir": "runs/x", "model": {"preset": "stiv-tiny"}}
     model_cfg = resolve_model_config(
@@ -123,6 +124,7 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
                 "log_every": 1,
                 "checkpoint_every": 2,
                 "ema_decay": 0.0,
+                "eval": {"every_steps": 2, "prompts": ["a red square"], "steps": 2},
             }
         )
     )  # fmt: skip
@@ -135,6 +137,9 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
         source = temporal if ".temporal." in f".{key}" else spatial
         torch.testing.assert_close(value, source.state_dict()[key], atol=1e-6, rtol=0), key
     assert [s for s, _ in list_checkpoints(tmp_path / "runs/t2v-both")] == [2]
+    # Validation samples from the EMA weights at step 2 (eval.every_steps), in the run.
+    samples = tmp_path / "runs/t2v-both/validation/step_00000002"
+    assert (samples / "prompt_0.mp4").stat().st_size > 0 and (samples / "prompt_0.png").is_file()
     # Tokens per step over both ranks: 2 ranks x 2 samples x 64 (f8x16x16) or 96 (f8x16x24).
     metrics = [json.loads(ln) for ln in (tmp_path / "runs/t2v-both/metrics.jsonl").open()]
     assert {m["tokens_per_step"] for m in metrics} <= {256.0, 384.0} and len(metrics) == 2
