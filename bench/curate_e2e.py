@@ -15,6 +15,7 @@ Run on an otherwise idle machine: `python bench/curate_e2e.py [--copies 48] [--n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -70,10 +71,8 @@ class PeakMemory:
                 procs = [self.root, *self.root.children(recursive=True)]
                 total = 0
                 for proc in procs:
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         total += proc.memory_info().rss
-                    except psutil.Error:
-                        pass
                 self.peak_bytes = max(self.peak_bytes, total)
             except psutil.Error:
                 pass

@@ -226,7 +226,7 @@ def _backfill(
     pending_rows = 0
     failures: list[qu.Failure] = []
     succeeded: list[str] = []  # earlier failures that now scored: they leave quarantine
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         block = block.filter(pa.compute.is_null(block.column(VIDEO_END)))
         if not block.num_rows:
             continue

@@ -93,11 +93,12 @@ class ShotFrames:
     (and their pairs) are freed, so memory stays at about 2 x capacity frames per video.
     """
 
-    def __init__(self, capacity: int, gap: int) -> None:
+    def __init__(self, capacity: int, gap: int, first_stride: int = 1) -> None:
         self.capacity = capacity
         self.gap = gap
+        self.first_stride = max(1, first_stride)
         self.anchor = 0
-        self.stride = 1
+        self.stride = self.first_stride
         self.candidates: list[int] = []  # sorted frame indices
         self.images: dict[int, np.ndarray] = {}
         self.times: dict[int, float] = {}
@@ -129,7 +130,7 @@ class ShotFrames:
     def restart(self, start: int) -> None:
         """A new shot starts at `start`: frames before it are freed, later ones carried over
         (detectors report a cut a few frames after it happened)."""
-        self.anchor, self.stride = start, 1
+        self.anchor, self.stride = start, self.first_stride
         self.candidates = [c for c in self.candidates if c >= start]
         self._free(before=start)
 
@@ -154,7 +155,11 @@ class ShotFrames:
                 later = [i for i in kept if frame < i <= last]
                 pair = later[-1] if later else frame
             pairs.append((frame, pair))
-        return pairs, clip_frames_from(pairs, self.images, self.times)
+        clip = clip_frames_from(pairs, self.images, self.times)
+        if self.gap == 0:  # no stage reads pairs: do not carry each frame twice
+            empty = np.zeros((0, *clip.frames.shape[1:]), np.uint8)
+            clip = ClipFrames(clip.frames, clip.times_s, empty, np.zeros(0))
+        return pairs, clip
 
 
 def _threads(cfg: SplitConfig, cpus_per_task: float) -> int:
@@ -207,6 +212,7 @@ def scan_video(
     keep_frames: bool,
     cpus_per_task: float = 1.0,
     source: str | BinaryIO | None = None,
+    keep_pairs: bool = True,
 ) -> Iterator[ClipResult | VideoResult]:
     """Probe, split and sample one video in one decode; yields each clip as soon as its shot
     ends, then one VideoResult. Never raises for a bad video: the VideoResult carries it."""
@@ -216,7 +222,7 @@ def scan_video(
     info: VideoInfo | None = None
     num_clips = 0
     try:
-        for item in _scan(uri, cfg, task_stages, keep_frames, cpus_per_task, source):
+        for item in _scan(uri, cfg, task_stages, keep_frames, keep_pairs, cpus_per_task, source):
             if isinstance(item, VideoInfo):
                 info = item
             else:
@@ -237,6 +243,7 @@ def _scan(
     cfg: Any,
     task_stages: list[Stage],
     keep_frames: bool,
+    keep_pairs: bool,
     cpus_per_task: float,
     source: str | BinaryIO | None,
 ) -> Iterator[ClipResult | VideoInfo]:
@@ -265,7 +272,12 @@ def _scan(
 
         provenance = sampling_provenance(cfg)
         tracker = SceneTracker(split, info.fps)
-        shot = ShotFrames(sampling.candidates_per_shot, sampling.motion_gap_frames)
+        # The shortest clip kept still gets about twice frames_per_clip candidates; an
+        # optical-flow pair is kept only when a stage reads pairs (motion).
+        min_len = max(1, math.ceil(split.min_clip_s * info.fps))
+        first_stride = max(1, min_len // (2 * sampling.frames_per_clip))
+        gap = sampling.motion_gap_frames if keep_pairs else 0
+        shot = ShotFrames(sampling.candidates_per_shot, gap, first_stride)
         det_w, det_h = even_size(*detection_size(*info.coded_size, split.downscale))
         out_w, out_h = sample_size(*info.coded_size, sampling.max_side)
         reformatter = VideoReformatter()

@@ -1,8 +1,8 @@
 """The stage contract: what every curation stage declares and does (docs/stages.md).
 
 A stage is one class. Its `name` is its `--stages` word and its YAML section (`sections` lists
-its config dataclasses when it has any); `reads` names the clip inputs it needs (`frames`, or
-columns such as `caption`); `runs_on` says where it runs:
+its config dataclasses when it has any); `reads` names the clip inputs it needs (`frames`, `pairs`
+(each frame's optical-flow partner), or columns such as `caption`); `runs_on` says where it runs:
 
 - `"video"`: inside the one streaming pass over each video (probe, split);
 - `"task"`: per clip inside that same pass, right after the clip's frames are sampled (cheap

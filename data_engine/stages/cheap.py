@@ -49,6 +49,7 @@ class MotionStage(Stage):
 
     name: ClassVar[str] = "motion"
     runs_on: ClassVar[str] = "task"
+    reads: ClassVar[tuple[str, ...]] = ("frames", "pairs")
 
     @classmethod
     def output_schema(cls, cfg: Any) -> pa.Schema:

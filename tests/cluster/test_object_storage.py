@@ -165,3 +165,17 @@ def test_unreachable_bucket_fails_with_one_line(s3_env: dict) -> None:
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "no-such-bucket" in result.stderr
+
+
+def test_an_s3_prefix_is_listed_like_a_directory(s3_env: dict) -> None:
+    """`stiv curate s3://bucket/prefix/` curates every video under the prefix (it used to be
+    taken as one video named after the prefix and curate nothing)."""
+    env = s3_env["env"]
+    db = f"s3://{BUCKET}/curation/prefix-db"
+    fast = ["--set", "split.min_clip_s=0.8", "--set", "sampling.frames_per_clip=3"]
+    run = _stiv(env, "curate", f"s3://{BUCKET}/raw/", "--db", db, *fast, "--format", "json")
+    assert run.returncode == 0, run.stderr[-4000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    # moving + cuts curated, the empty file quarantined; the manifest and nothing else listed.
+    assert (summary["videos_done"], summary["videos_quarantined"]) == (2, 1)
+    assert summary["clips"] == 4
