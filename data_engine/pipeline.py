@@ -309,18 +309,25 @@ def connect_ray(address: str | None, verbose: bool = False) -> None:
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        level = logging.INFO if verbose else logging.WARNING
         if address:
-            ray.init(address=address, log_to_driver=verbose)
+            ray.init(address=address, log_to_driver=verbose, logging_level=level)
         else:
             # "local": always an embedded Ray. A bare ray.init() would join whatever cluster
             # was started last on this machine (/tmp/ray/ray_current_cluster).
-            ray.init(address="local", include_dashboard=False, log_to_driver=verbose)
+            ray.init(
+                address="local", include_dashboard=False, log_to_driver=verbose, logging_level=level
+            )
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    # Our own bar replaces Ray Data's; its notice that they are off is not news to the user.
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.INFO if verbose else logging.ERROR
+    )
 
 
 # ------------------------------------------------------------------------------------------
