@@ -32,10 +32,26 @@ def test_zero2_adafactor_update_does_not_depend_on_world_size(tmp_path):
     partition whose size depends on the number of ranks, so 1 and 2 ranks took different
     steps (measured: up to 1.8e-3 apart after 4 steps at lr 0.05, --no-attach below). Clipped
     per parameter, with each parameter's RMS summed over the ranks holding its pieces, the two
-    runs agree to float rounding."""
+    runs agree to float rounding, and equal the unpartitioned optimizer."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from zero2_adafactor_step import model_and_data
+
+    from training.optim import AdaFactor
+
     one = _run(1, tmp_path / "one.pt")
     two = _run(2, tmp_path / "two.pt")
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=1e-6)
+    # Both equal plain unfactored AdaFactor on the whole model, after the global gradient-norm
+    # clipping at 1.0 that DeepSpeed applies by default.
+    model, batches = model_and_data()
+    reference = AdaFactor(model.parameters(), lr=0.05, clip_threshold=0.5, factored=False)
+    for x, y in batches:
+        reference.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        reference.step()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(one[key], value, rtol=0, atol=1e-5)
     partition_clipped = _run(2, tmp_path / "two-old.pt", "--no-attach")
     assert max((partition_clipped[k] - one[k]).abs().max().item() for k in one) > 1e-4
