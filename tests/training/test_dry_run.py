@@ -59,3 +59,25 @@ def test_activation_estimate_matches_the_tiny_cpu_stage():
     estimate = activation_bytes(cfg, shape, 16, batch=16)["without_checkpointing"]
     measured = activation_bytes(cfg, shape, 16, batch=16, device="cpu")["without_checkpointing"]
     assert abs(estimate / measured - 1) < 0.15, (estimate, measured)
+
+
+def test_dry_run_reads_buckets_and_encoders_from_the_latents_table(train_db, tmp_path):
+    """With a prepared latents table the dry run takes its buckets (with sample counts), the
+    encoders' dimensions and the token budget's batch sizes from it, assuming nothing."""
+    from training.train import dry_run
+
+    report = dry_run(
+        None,
+        [f"db={train_db}", f"run_dir={tmp_path / 'run'}", "model.preset=stiv-tiny",
+         "data.max_tokens_per_rank=256", "scaling.num_workers=2"],
+    )  # fmt: skip
+    buckets = report["buckets"]
+    assert {k: v["samples"] for k, v in buckets.items()} == {"f8x16x16": 8, "f8x16x24": 8}
+    # Pixel latents (2x) through patch 2 / temporal patch 2: 4 x 4 x 4 and 4 x 4 x 6 tokens.
+    assert {k: v["tokens_per_sample"] for k, v in buckets.items()} == {
+        "f8x16x16": 64,
+        "f8x16x24": 96,
+    }
+    assert {k: v["batch_per_rank"] for k, v in buckets.items()} == {"f8x16x16": 4, "f8x16x24": 2}
+    assert not any("latents table" in note for note in report["notes"])
+    assert report["memory_bytes_per_rank"]["activations_without_checkpointing"] > 0
