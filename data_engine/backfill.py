@@ -30,8 +30,8 @@ from data_engine.pipeline import (
     flow_schema,
     flow_table,
     run_table_stages,
-    setup_threads,
     stage_dataset,
+    start_task,
     write_dsg_claims,
 )
 from data_engine.scan import ClipResult, run_task_stages, sample_known_clips
@@ -105,10 +105,7 @@ def sample_videos(
     """Ray task: known clips of one video -> flow rows with their frames and task-stage scores.
     A video that no longer decodes records the error on each of its clips."""
     cpus = cfg.resources.cpus_per_task
-    setup_threads(cpus)
-    stages = [cls(cfg) for cls in task_stages]
-    for stage in stages:
-        stage.setup()
+    stages = start_task(cfg, task_stages)
     for info_json, clips_json in zip(
         batch.column("info").to_pylist(), batch.column("clips").to_pylist()
     ):

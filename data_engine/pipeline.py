@@ -152,14 +152,17 @@ def frames_of(row: dict[str, Any], frames_column: Any, index: int) -> ClipFrames
     )
 
 
-def setup_threads(cpus: float) -> int:
-    """Ray runs a task with one OMP thread per reserved CPU; OpenCV and FFmpeg do not look.
-    Set them on purpose: as many as the task's CPUs (rounded up)."""
+def start_task(cfg: Any, task_stages: list[type[Stage]]) -> list[Stage]:
+    """In a decode task: set OpenCV's threads on purpose (Ray runs a task with one OMP thread
+    per reserved CPU; OpenCV and FFmpeg do not look) to the task's CPUs, rounded up, and set up
+    the in-pass stages."""
     import cv2
 
-    threads = max(1, math.ceil(cpus))
-    cv2.setNumThreads(threads)
-    return threads
+    cv2.setNumThreads(max(1, math.ceil(cfg.resources.cpus_per_task)))
+    stages = [cls(cfg) for cls in task_stages]
+    for stage in stages:
+        stage.setup()
+    return stages
 
 
 def scan_videos(
@@ -173,10 +176,7 @@ def scan_videos(
 ) -> Iterator[pa.Table]:
     """Ray task: video URIs -> flow blocks (clip rows as their shots end, then an end row)."""
     cpus = cfg.resources.cpus_per_task
-    setup_threads(cpus)
-    stages = [cls(cfg) for cls in task_stages]
-    for stage in stages:
-        stage.setup()
+    stages = start_task(cfg, task_stages)
     for uri in batch.column("uri").to_pylist():
         rows: list[dict[str, Any]] = []
         for item in scan_video(uri, cfg, stages, keep_frames, cpus, keep_pairs=keep_pairs):

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from lance.dataset import ColumnOrdering
 
 from data_engine.filters import FilterError, check_filter
+from data_engine.schema import conform
 
 VIDEOS = "videos"
 CLIPS = "clips"
@@ -167,13 +168,7 @@ class Database:
         if missing:
             ds.add_columns(pa.schema(missing))
             existing = self.table(table).schema
-        columns = []
-        for field in existing:
-            if field.name in data.column_names:
-                columns.append(data.column(field.name).cast(field.type))
-            else:
-                columns.append(pa.nulls(data.num_rows, field.type))
-        return pa.table(columns, schema=existing)
+        return conform(data, existing)
 
     def upsert(self, table: str, data: pa.Table, on: str | list[str]) -> None:
         """Insert rows, replacing those with the same key (idempotent re-runs)."""

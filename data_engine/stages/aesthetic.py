@@ -17,7 +17,12 @@ import pyarrow as pa
 
 from data_engine.frames import ClipFrames
 from data_engine.stages.base import ClipInput, Stage, StageError, score_frames_or_each
-from data_engine.stages.clip_config import ClipModelConfig, checkpoint_provenance, require_file
+from data_engine.stages.clip_config import (
+    ClipModelConfig,
+    checkpoint_provenance,
+    require_clip_weights,
+    require_file,
+)
 
 
 @dataclass
@@ -137,11 +142,8 @@ class AestheticStage(Stage):
 
     @classmethod
     def check_ready(cls, cfg: Any) -> None:
-        section = cfg.aesthetic
-        require_file(section.clip.checkpoint_path, "aesthetic.clip.checkpoint_path")
-        if section.clip.model_config_path:
-            require_file(section.clip.model_config_path, "aesthetic.clip.model_config_path")
-        require_file(section.head_path, "aesthetic.head_path")
+        require_clip_weights(cfg.aesthetic.clip, "aesthetic.clip")
+        require_file(cfg.aesthetic.head_path, "aesthetic.head_path")
 
     def setup(self) -> None:
         self.scorer = AestheticScorer(self.cfg.aesthetic)

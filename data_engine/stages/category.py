@@ -17,7 +17,11 @@ import pyarrow as pa
 
 from data_engine.frames import ClipFrames
 from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
-from data_engine.stages.clip_config import ClipModelConfig, normalize_rows, require_file
+from data_engine.stages.clip_config import (
+    ClipModelConfig,
+    normalize_rows,
+    require_clip_weights,
+)
 
 DEFAULT_LABELS = [
     "people",
@@ -141,10 +145,7 @@ class CategoryStage(Stage):
 
     @classmethod
     def check_ready(cls, cfg: Any) -> None:
-        section = cfg.category
-        require_file(section.clip.checkpoint_path, "category.clip.checkpoint_path")
-        if section.clip.model_config_path:
-            require_file(section.clip.model_config_path, "category.clip.model_config_path")
+        require_clip_weights(cfg.category.clip, "category.clip")
 
     def setup(self) -> None:
         self.scorer = CategoryScorer(self.cfg.category)

@@ -107,3 +107,11 @@ def normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32)."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def require_clip_weights(clip: ClipModelConfig, key: str) -> None:
+    """StageError naming `key.checkpoint_path` (or `key.model_config_path`) when a CLIP
+    stage's weight files are missing: the start-up check of every CLIP-based stage."""
+    require_file(clip.checkpoint_path, f"{key}.checkpoint_path")
+    if clip.model_config_path:
+        require_file(clip.model_config_path, f"{key}.model_config_path")

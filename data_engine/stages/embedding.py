@@ -20,7 +20,7 @@ from data_engine.stages.clip_config import (
     ClipModelConfig,
     clip_embed_dim,
     normalize_rows,
-    require_file,
+    require_clip_weights,
 )
 
 
@@ -145,10 +145,7 @@ class EmbeddingStage(Stage):
 
     @classmethod
     def check_ready(cls, cfg: Any) -> None:
-        section = cfg.embedding
-        require_file(section.clip.checkpoint_path, "embedding.clip.checkpoint_path")
-        if section.clip.model_config_path:
-            require_file(section.clip.model_config_path, "embedding.clip.model_config_path")
+        require_clip_weights(cfg.embedding.clip, "embedding.clip")
 
     def setup(self) -> None:
         self.scorer = EmbeddingScorer(self.cfg.embedding)
