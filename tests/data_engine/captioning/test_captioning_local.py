@@ -26,7 +26,7 @@ from transformers import (
 
 from data_engine.captioning.backends import LocalBackend
 from data_engine.captioning.caption import CaptionConfig, Captioner
-from data_engine.captioning.dsg import DSGQuestionsConfig, DSGChecker, DSGVerifyConfig
+from data_engine.captioning.dsg import DSGChecker, DSGQuestionsConfig, DSGVerifyConfig
 from data_engine.frames import ClipFrames
 from data_engine.stages.base import StageError
 
