@@ -29,6 +29,7 @@ from data_engine.pipeline import (
     connect_ray,
     flow_schema,
     flow_table,
+    plan_resources,
     run_table_stages,
     stage_dataset,
     start_task,
@@ -196,6 +197,7 @@ def _backfill(
     actor_stages = [s for s in stages if s.runs_on == "actor"]
     ship_frames = any("frames" in s.reads for s in actor_stages)
     flow = flow_schema(cfg, stages)
+    cfg, plan = plan_resources(cfg, actor_stages)
     # Columns a stage reads from the table (dsg's caption) travel with the clip rows.
     carried = [f for f in schema if f.name in todo.column_names and f.name not in flow.names]
     flow = pa.schema([*flow, *carried])
@@ -213,7 +215,7 @@ def _backfill(
         },
         num_cpus=cfg.resources.cpus_per_task,
     )
-    ds = stage_dataset(ds, cfg, actor_stages)
+    ds = stage_dataset(ds, cfg, actor_stages, plan)
     produced = {f.name for s in stages for f in s.output_schema(cfg)}
     target = pa.schema(
         [schema.field("clip_id")]

@@ -28,7 +28,7 @@ class ResourceDefaults:
     """Ray resources shared by every stage unless `resources.<stage>` says otherwise.
     0 means: derive from the cluster (`ray.cluster_resources()`)."""
 
-    cpus_per_task: float = 1.0  # CPUs reserved by each video's decode task (probe, split, sample)
+    cpus_per_task: float = 0.0  # CPUs reserved per video decode task; 0 = auto (see plan_resources)
     model_actors: int = 0  # actors per model stage (min == max, so pools start full); 0 = auto
     cpus_per_model_actor: float = 0.0  # CPUs reserved by each model actor; 0 = auto (all fit)
     gpus_per_model_actor: float = 0.0  # GPUs per model actor (0 on CPU machines)
@@ -36,8 +36,8 @@ class ResourceDefaults:
     memory_per_task_mb: int = 0  # memory hint per decode task (MiB); 0 = no hint
 
     def __post_init__(self) -> None:
-        if self.cpus_per_task <= 0:
-            raise ValueError("resources.cpus_per_task: must be > 0")
+        if self.cpus_per_task < 0:
+            raise ValueError("resources.cpus_per_task: must be >= 0 (0 = auto)")
         if self.model_actors < 0:
             raise ValueError("resources.model_actors: must be >= 0")
         if self.cpus_per_model_actor < 0:

@@ -241,20 +241,34 @@ class StageActor:
 # ------------------------------------------------------------------------------------------
 
 
-def actor_resources(cfg: Any, stages: list[type[Stage]]) -> dict[str, dict[str, Any]]:
-    """Per actor stage: pool size, CPUs and GPUs per actor, batch size. `resources.<stage>`
-    wins; then the global `resources.*`; then values derived from `ray.cluster_resources()`.
+MODEL_CPU_SHARE = 0.25  # auto: share of the cluster's CPUs reserved for model actor pools
 
-    Every pool starts at full size (min == max), so all pools together must fit beside at
-    least one decode task, or the job waits for ever (docs/design-notes.md, "the 2-core trap").
+
+def plan_resources(cfg: Any, stages: list[type[Stage]]) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """(config with `resources.cpus_per_task` resolved, per actor stage: pool size, CPUs and
+    GPUs per actor, batch size). `resources.<stage>` wins; then the global `resources.*`; then
+    values derived from `ray.cluster_resources()`.
+
+    Every pool starts at full size (min == max), so all pools together must fit beside the
+    decode tasks, or the job waits for ever (docs/design-notes.md, "The 2-core trap"). When
+    nothing is set, model actors reserve a quarter of the CPUs and each decode task the rest
+    divided by the CPU count (at most 1): on 2 cores one OCR actor (0.5) and two decode tasks
+    (0.75 each) all run, sharing the cores. Reserving a whole CPU for the actor instead left
+    one decode task running and made `+ocr` cost 2.06x (bench/curate_e2e.py, 48 files).
     """
+    import copy
+
     import ray
 
     cluster = ray.cluster_resources()
+    total = cluster.get("CPU", 1.0)
     defaults = cfg.resources
-    spare_cpus = max(cluster.get("CPU", 1.0) - defaults.cpus_per_task, 0.25)
-    out: dict[str, dict[str, Any]] = {}
-    auto = [s for s in stages if not defaults.for_stage(s.name).cpus]
+    fixed_task = defaults.cpus_per_task
+    budget = max(total - fixed_task, 0.25) if fixed_task else MODEL_CPU_SHARE * total
+    auto = [
+        s for s in stages if not (defaults.for_stage(s.name).cpus or defaults.cpus_per_model_actor)
+    ]
+    plan: dict[str, dict[str, Any]] = {}
     for stage in stages:
         own = defaults.for_stage(stage.name)
         gpus = own.gpus or defaults.gpus_per_model_actor
@@ -264,16 +278,21 @@ def actor_resources(cfg: Any, stages: list[type[Stage]]) -> dict[str, dict[str, 
         elif gpus > 0:
             size = max(1, int(cluster.get("GPU", 0) // gpus))
         else:
-            size = max(1, int(spare_cpus // (max(len(auto), 1) * (cpus or 1.0))))
+            size = max(1, int(budget / (max(len(auto), 1) * (cpus or 1.0))))
         if not cpus:
-            cpus = min(1.0, spare_cpus / (max(len(auto), 1) * size))
-        out[stage.name] = {
+            cpus = min(1.0, budget / (max(len(auto), 1) * size))
+        plan[stage.name] = {
             "size": size,
             "num_cpus": cpus,
             "num_gpus": gpus or None,
             "batch_size": own.batch_size or defaults.model_batch_size,
         }
-    return out
+    if not fixed_task:
+        reserved = sum(p["size"] * p["num_cpus"] for p in plan.values())
+        slots = max(1, math.floor(total))
+        cfg = copy.deepcopy(cfg)
+        cfg.resources.cpus_per_task = max(0.25, min(1.0, (total - reserved) / slots))
+    return cfg, plan
 
 
 def _task_args(cfg: Any) -> dict[str, Any]:
@@ -283,11 +302,13 @@ def _task_args(cfg: Any) -> dict[str, Any]:
     return args
 
 
-def stage_dataset(ds: Any, cfg: Any, actor_stages: list[type[Stage]]) -> Any:
-    """Ray Data: flow blocks through every actor stage; the last one drops the frames."""
+def stage_dataset(
+    ds: Any, cfg: Any, actor_stages: list[type[Stage]], plan: dict[str, dict[str, Any]]
+) -> Any:
+    """Ray Data: flow blocks through every actor stage (`plan` from `plan_resources`); the
+    last one drops the frames."""
     import ray.data
 
-    plan = actor_resources(cfg, actor_stages)
     for position, stage in enumerate(actor_stages):
         res = plan[stage.name]
         ds = ds.map_batches(
@@ -594,6 +615,7 @@ def _curate(
     keep_frames = ship_frames or any("frames" in s.reads for s in task_stages)
     keep_pairs = any("pairs" in s.reads for s in stages)
     flow = flow_schema(cfg, stages)
+    cfg, plan = plan_resources(cfg, actor_stages)
     ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         scan_videos,
@@ -609,7 +631,7 @@ def _curate(
         },
         **_task_args(cfg),
     )
-    ds = stage_dataset(ds, cfg, actor_stages)
+    ds = stage_dataset(ds, cfg, actor_stages, plan)
     committer = Committer(db, cfg, schema, attempts, summary, len(todo), show_progress)
     # No prefetching: Ray Data's prefetcher waits until its window of blocks is complete, so
     # one slow video would hold back the finished ones behind it (measured: a block done at
