@@ -184,7 +184,9 @@ def _job_result(submitter: subprocess.Popen, timeout_s: float = 240.0) -> dict:
         out, err = submitter.communicate()
         pytest.fail(f"job did not finish in {timeout_s} s: {out[-2000:]} {err[-3000:]}")
     assert submitter.returncode == 0, err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    # The submitter's result is its last JSON line: Ray may still print a warning after it
+    # (a killed node's "raylet has lagging heartbeats").
+    result = json.loads([ln for ln in out.strip().splitlines() if ln.startswith("{")][-1])
     assert result["status"] == "SUCCEEDED", (result["message"], result["logs"][-4000:])
     # The entrypoint printed the curation summary (`--format json`) as its last JSON line.
     summary_lines = [ln for ln in result["logs"].splitlines() if ln.startswith('{"videos_done"')]
