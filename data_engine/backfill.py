@@ -26,7 +26,6 @@ from data_engine.pipeline import (
     clip_failures,
     clip_flow_row,
     clips_schema,
-    connect_ray,
     flow_schema,
     flow_table,
     plan_resources,
@@ -45,6 +44,7 @@ from data_engine.schema import (
 )
 from data_engine.stages.base import Stage
 from data_engine.video import VideoError, VideoInfo
+from stiv_core.ray_connect import connect_ray
 
 MERGE_ROWS = 4096  # clip updates per merge commit (bounded driver memory, steady progress)
 _INFO_FIELDS = tuple(f for f in VIDEO_SCHEMA.names if f in VideoInfo.__dataclass_fields__)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from data_engine.stage_list import STAGES
 from data_engine.stages.base import Stage, StageResources
 from data_engine.video import SamplingConfig
-from stiv.config import ConfigError, load_config
+from stiv_core.config import ConfigError, load_config
 
 DEFAULT_STAGES = ("probe", "split", "motion", "clarity")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stiv_core.uris import is_local
+
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
     ".m2ts", ".flv", ".wmv", ".3gp", ".ogv", ".y4m",
@@ -23,10 +25,6 @@ class ExpandedInputs:
     """Video URIs in input order, without repeats."""
     notes: list[str] = field(default_factory=list)
     """Things the user should hear about that are not failures (an empty directory)."""
-
-
-def _is_uri(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
 
 
 def list_prefix(uri: str, extensions: tuple[str, ...], storage_options: dict | None) -> list[str]:
@@ -66,7 +64,7 @@ def expand_inputs(
 
     exts = tuple(e.lower() for e in extensions)
     for item in inputs:
-        if _is_uri(item):
+        if not is_local(item):
             if item.endswith("/") or not item.lower().endswith(exts):
                 found = list_prefix(item, exts, storage_options)
                 if not found:
@@ -89,7 +87,7 @@ def expand_inputs(
             if not entries:
                 out.notes.append(f"manifest {path} lists no videos")
             for entry in entries:
-                if _is_uri(entry):
+                if not is_local(entry):
                     add(entry)
                 else:
                     p = Path(entry).expanduser()

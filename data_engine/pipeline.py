@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +53,7 @@ from data_engine.schema import (
 )
 from data_engine.stages.base import ClipInput, Stage
 from data_engine.video import video_id_for
+from stiv_core.ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -321,34 +321,6 @@ def stage_dataset(
             num_gpus=res["num_gpus"],
         )
     return ds
-
-
-def connect_ray(address: str | None, verbose: bool = False) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded Ray. Ray Data's
-    per-dataset INFO lines and progress bars go to Ray's log directory unless `verbose`."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        level = logging.INFO if verbose else logging.WARNING
-        if address:
-            ray.init(address=address, log_to_driver=verbose, logging_level=level)
-        else:
-            # "local": always an embedded Ray. A bare ray.init() would join whatever cluster
-            # was started last on this machine (/tmp/ray/ray_current_cluster).
-            ray.init(
-                address="local", include_dashboard=False, log_to_driver=verbose, logging_level=level
-            )
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
-    # Our own bar replaces Ray Data's; its notice that they are off is not news to the user.
-    logging.getLogger("ray.data._internal.progress").setLevel(
-        logging.INFO if verbose else logging.ERROR
-    )
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from lance.dataset import ColumnOrdering
 
 from data_engine.filters import FilterError, check_filter
 from data_engine.schema import conform
+from stiv_core.uris import is_local
 
 VIDEOS = "videos"
 CLIPS = "clips"
@@ -105,10 +106,6 @@ def storage_options_from_env(uri: str) -> dict[str, str] | None:
     if endpoint.startswith("http://"):
         options["allow_http"] = "true"
     return options or None
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 class Database:

@@ -28,6 +28,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from data_engine.frames import ClipFrames
+from stiv_core.uris import is_local
 
 DEFAULT_PROBE_TIMEOUT_S = 120.0  # as CurateConfig.probe_timeout_s
 # Packets read after a seek before we give up looking for a decodable frame near the end.
@@ -54,12 +55,6 @@ class VideoError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_local(uri: str) -> bool:
-    scheme = urlparse(uri).scheme
-    # A one-letter scheme is a Windows drive ("C:\\videos\\a.mp4"), not a URI.
-    return scheme in ("", "file") or len(scheme) == 1
-
-
 def _local_path(uri: str) -> str:
     if uri.startswith("file://"):
         uri = urlparse(uri).path
@@ -68,7 +63,7 @@ def _local_path(uri: str) -> str:
 
 def normalize_uri(uri: str) -> str:
     """Local paths become absolute paths; other URIs are kept as given (opaque strings)."""
-    return _local_path(uri) if _is_local(uri) else uri
+    return _local_path(uri) if is_local(uri) else uri
 
 
 def video_id_for(uri: str) -> str:
@@ -132,7 +127,7 @@ def remote_filesystem(uri: str, storage_options: dict[str, Any] | None):
 def open_input(uri: str, storage_options: dict[str, Any] | None = None) -> str | BinaryIO:
     """What `av.open` should read: a local absolute path, or a seekable file object for an
     object-store URI (s3://, gs://, ...). The caller closes a returned file object."""
-    if _is_local(uri):
+    if is_local(uri):
         return _local_path(uri)
     fs, path = remote_filesystem(uri, storage_options)
     return fs.open_input_file(path)
@@ -180,7 +175,7 @@ class DeadlineReader:
 def input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int | None:
     """File size in bytes, None when it does not exist. Raises VideoError for I/O failures."""
     try:
-        if _is_local(uri):
+        if is_local(uri):
             path = _local_path(uri)
             return os.path.getsize(path) if os.path.isfile(path) else None
         import pyarrow.fs as pafs

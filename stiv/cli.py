@@ -460,7 +460,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data_engine.stages.base import StageError
     from data_engine.store import StoreError
     from stiv.api import QueryError
-    from stiv.config import ConfigError
+    from stiv_core.config import ConfigError
     from training.checkpoint import CheckpointError
 
     return (

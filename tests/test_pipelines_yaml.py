@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_engine.config import load_curate_config
-from stiv.config import ConfigError
+from stiv_core.config import ConfigError
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 

@@ -25,7 +25,8 @@ from data_engine.report.scan import (
     sql_string,
 )
 from data_engine.report.thumbs import ThumbRequest, clip_times, write_thumbnails
-from data_engine.store import VIDEOS, Database, StoreError, is_local
+from data_engine.store import VIDEOS, Database, StoreError
+from stiv_core.uris import is_local
 
 DEFAULT_MAX_THUMBNAILS = 80  # clips decoded at most, over every section
 SAMPLE_ROWS = 20_000  # uniform sample of selected rows behind the strips and provenance

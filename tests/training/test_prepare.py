@@ -251,7 +251,7 @@ def test_prepare_quarantine_upserts_counts_attempts_and_stops(tmp_path, tiny_enc
 def test_decode_concurrency_scales_with_the_cluster():
     """Decoding is no longer one actor for the whole cluster: by default every CPU left after
     the encoder pools decodes; a configured value wins."""
-    from stiv.config import load_config
+    from stiv_core.config import load_config
     from training.prepare import PrepareConfig, decode_concurrency
 
     def cfg(**fields):

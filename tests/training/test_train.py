@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import get_preset
 from model.network import STIV
-from stiv.config import ConfigError, load_config
+from stiv_core.config import ConfigError, load_config
 from training.checkpoint import (
     export_ema,
     latest_checkpoint,

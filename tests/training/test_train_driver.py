@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from model.network import STIV
 from stiv.cli import main
-from stiv.config import ConfigError, load_config
+from stiv_core.config import ConfigError, load_config
 from training.checkpoint import list_checkpoints, load_ema_state
 from training.train import (
     TRAIN_PATH_FIELDS,

@@ -1,0 +1,10 @@
+"""Local paths versus object-store URIs: the one test of the project."""
+
+from __future__ import annotations
+
+
+def is_local(uri: str) -> bool:
+    """True for a local path (`videos/a.mp4`, `/data/db`, `C:\\videos\\a.mp4`) or a `file://`
+    URI; False for any other `scheme://` URI (`s3://bucket/db`, `gs://...`, `http://...`),
+    which is passed to the object-store reader unchanged."""
+    return "://" not in uri or uri.startswith("file://")
