@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # the HTML curation report (its path is the last line printed).
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(BIN)/python -m data_engine.demo $(DEMO_DIR)
+	$(BIN)/python -m demos.demo $(DEMO_DIR)
 	$(BIN)/stiv curate $(DEMO_DIR)/videos --db $(DEMO_DIR)/db --config pipelines/curate-demo.yaml
 	$(BIN)/stiv query --db $(DEMO_DIR)/db --table videos --columns uri,status,duration_s,width,height,orientation,num_clips
 	$(BIN)/stiv query --db $(DEMO_DIR)/db --where "motion_score > 1 AND clarity_score > 20" \

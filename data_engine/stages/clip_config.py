@@ -15,7 +15,7 @@ import numpy as np
 from data_engine.stages.base import StageError
 
 SEEDED_TEST_WEIGHTS_KEY = "stiv_seeded_test_weights"
-"""safetensors metadata key written by `tiny_models`: its value "true" marks random test weights."""
+"""safetensors metadata key written by `demos.tiny_models`: its value "true" marks random test weights."""
 
 
 @dataclass
@@ -53,7 +53,7 @@ def file_sha256_16(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
 
 
 def is_seeded_test_checkpoint(path: str | Path) -> bool:
-    """True when `tiny_models` wrote this file (its safetensors metadata says so)."""
+    """True when `demos.tiny_models` wrote this file (its safetensors metadata says so)."""
     if not str(path).endswith(".safetensors"):
         return False
     from safetensors import safe_open

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from data_engine import samples
 from data_engine.store import Database
+from demos import samples
 
 REPO = Path(__file__).resolve().parents[2]
 # Short synthetic shots: keep 0.8 s clips; 3 frames per clip keeps scoring cheap.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from data_engine import samples
 from data_engine.store import Database, storage_options_from_env
+from demos import samples
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_engine import samples
 from data_engine.cheap_scores import clarity_score, motion_score, provenance
 from data_engine.frames import ClipFrames
 from data_engine.video import SamplingConfig, probe, sample_clip_frames
+from demos import samples
 
 CFG = SamplingConfig(frames_per_clip=3, motion_gap_frames=2, max_side=320)
 

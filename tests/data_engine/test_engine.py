@@ -16,13 +16,13 @@ import pyarrow as pa
 import pytest
 import ray.cloudpickle
 
-from data_engine import samples
 from data_engine.config import load_curate_config
 from data_engine.pipeline import run_curate
 from data_engine.scan import VideoResult, scan_video
 from data_engine.stage_list import STAGES
 from data_engine.stages.base import ClipInput, Stage, score_each
 from data_engine.store import Database, StoreError
+from demos import samples
 
 # Ray workers import this module by value: its toy stages exist only here.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from data_engine import samples
 from data_engine.config import load_curate_config
 from data_engine.pipeline import run_curate
 from data_engine.store import Database
+from demos import samples
 
 STIV = [sys.executable, "-m", "stiv.cli"]
 # Short test videos: keep 1-second clips so every synthetic shot survives.

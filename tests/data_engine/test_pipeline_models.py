@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from data_engine import samples
-from data_engine.captioning.testing import Reply, ScriptedChatServer, request_text
 from data_engine.config import load_curate_config
 from data_engine.pipeline import run_curate
-from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 from data_engine.store import Database
+from demos import samples
+from demos.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
+from tests.helpers.chat_server import Reply, ScriptedChatServer, request_text
 
 STIV = [sys.executable, "-m", "stiv.cli"]
 BASE = ["split.min_clip_s=0.8", "sampling.frames_per_clip=3", "ocr.num_frames=2"]

@@ -28,13 +28,13 @@ from data_engine.report.scan import (
     select_clips,
 )
 from data_engine.report.thumbs import ThumbRequest, clip_times, write_thumbnails
-from data_engine.samples import (
+from data_engine.store import Database
+from data_engine.video import clip_id_for, video_id_for
+from demos.samples import (
     write_hard_cut_video,
     write_moving_shape_video,
     write_rotated_video,
 )
-from data_engine.store import Database
-from data_engine.video import clip_id_for, video_id_for
 from stiv.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -6,16 +6,16 @@ import cv2
 import numpy as np
 import pytest
 
-from data_engine import samples
 from data_engine.split import (
     SceneDetection,
     SplitConfig,
     detect_scenes,
     run_detectors,
-    scenes_with_pyscenedetect,
     shape_clips,
 )
 from data_engine.video import VideoError, probe
+from demos import samples
+from tests.helpers.reference_split import scenes_with_pyscenedetect
 
 TRUE_CUTS = (30, 61, 95)
 

@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 import pytest
 
-from data_engine import samples
 from data_engine.video import (
     SamplingConfig,
     VideoError,
@@ -19,6 +18,7 @@ from data_engine.video import (
     sample_clip_frames,
     video_id_for,
 )
+from demos import samples
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_engine.samples import write_rotated_video
 from data_engine.store import Database
+from demos.samples import write_rotated_video
 from training.generate import _read_video_frames
 
 STIV = [sys.executable, "-m", "stiv.cli"]

@@ -221,8 +221,8 @@ def test_prepare_quarantine_upserts_counts_attempts_and_stops(tmp_path, tiny_enc
     clip is prepared once. Before, every rerun appended another row with attempts 1."""
     import pyarrow as pa
 
-    from data_engine.samples import write_video
     from data_engine.store import CLIPS
+    from data_engine.video import write_video
 
     good = tmp_path / "good.mp4"
     frames = [np.full((48, 64, 3), 40 + 5 * i, np.uint8) for i in range(40)]

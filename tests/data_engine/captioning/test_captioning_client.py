@@ -11,15 +11,15 @@ import pytest
 
 from data_engine.captioning.backends import BackendConfig, ChatRequest, OpenAIBackend, text_hash
 from data_engine.captioning.caption import CaptionConfig, Captioner
-from data_engine.captioning.testing import (
+from data_engine.frames import ClipFrames
+from data_engine.stages.base import StageError
+from tests.helpers.chat_server import (
     Reply,
     ScriptedChatServer,
     measure_throughput,
     request_images,
     request_text,
 )
-from data_engine.frames import ClipFrames
-from data_engine.stages.base import StageError
 
 FAST_RETRY = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05}
 

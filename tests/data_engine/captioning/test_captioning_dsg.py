@@ -24,8 +24,8 @@ from data_engine.captioning.dsg import (
     read_yes_no,
 )
 from data_engine.captioning.report import dsg_report
-from data_engine.captioning.testing import Reply, ScriptedChatServer, request_images, request_text
 from data_engine.frames import ClipFrames
+from tests.helpers.chat_server import Reply, ScriptedChatServer, request_images, request_text
 
 FAST = {"retry_backoff_s": 0.01, "retry_backoff_max_s": 0.05}
 PALETTE = {"R": (220, 20, 20), "G": (20, 220, 20), "B": (20, 20, 220)}

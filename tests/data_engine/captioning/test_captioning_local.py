@@ -139,7 +139,7 @@ def test_local_verifier_gibberish_is_unreadable_not_a_no(tiny_vlm):
     """Per-frame verification through the local model (one image per request, batched): its
     gibberish answers are not yes/no, so the clip fails instead of counting hallucinations."""
     from data_engine.captioning.dsg import QUESTIONS_EXAMPLE
-    from data_engine.captioning.testing import Reply, ScriptedChatServer
+    from tests.helpers.chat_server import Reply, ScriptedChatServer
 
     with ScriptedChatServer(responder=lambda body: Reply(content=QUESTIONS_EXAMPLE)) as srv:
         stage = DSGChecker(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from data_engine.stages.clip_config import ClipModelConfig
-from data_engine.stages.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
+from demos.tiny_models import make_tiny_aesthetic_head, make_tiny_open_clip
 
 
 @pytest.fixture(scope="session")

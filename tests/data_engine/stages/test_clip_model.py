@@ -18,7 +18,7 @@ from data_engine.stages.clip_model import (
     load_clip_from_config,
     load_open_clip,
 )
-from data_engine.stages.tiny_models import make_tiny_open_clip
+from demos.tiny_models import make_tiny_open_clip
 
 
 def test_tiny_checkpoint_round_trips_through_the_user_loader(tiny_clip_cfg):

@@ -14,7 +14,7 @@ from data_engine.stages.base import StageError
 from data_engine.stages.clip_model import encode_texts, load_clip_from_config
 from data_engine.stages.embedding import EmbeddingConfig, EmbeddingScorer
 from data_engine.stages.search import text_search
-from data_engine.stages.tiny_models import make_tiny_open_clip
+from demos.tiny_models import make_tiny_open_clip
 
 QUERY = "a dog running on a beach"
 
