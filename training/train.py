@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stiv.config import ConfigError, load_config, save_config, to_dict
+from stiv_core.config import ConfigError, load_config, save_config, to_dict
 from training.paths import resolve_path_fields
+from training.tasks import TaskSection, check_tasks
 from training.validation import EvalSection
 
 INIT_MODES = ("none", "plain", "t2v_from_t2i", "both")
@@ -119,6 +120,12 @@ class ObjectiveSection:
     given_frames: Literal["none", "first", "first_k", "endpoints"] = "none"  # frame replacement:
     # none = T2I/T2V, first = TI2V (STIV), first_k = prediction, endpoints = interpolation
     num_given_frames: int = 1  # latent frames given for first_k
+    # Application stages (training/tasks.py, docs/applications.md "Tasks"): each sample draws
+    # one of these tasks with its probability (they sum to 1) and trains on a window of
+    # `num_frames` latent frames cut at the task's stride. Empty = the one task above on the
+    # bucket's frames as prepared (T2I, T2V, TI2V stages).
+    tasks: list[TaskSection] = field(default_factory=list)
+    num_frames: int = 0  # latent frames per training window with tasks (0 = the bucket's)
 
     def __post_init__(self) -> None:
         for name in ("text_dropout", "image_dropout"):
@@ -126,6 +133,14 @@ class ObjectiveSection:
                 raise ValueError(f"objective.{name}: must be in [0, 1)")
         if self.num_given_frames < 1:
             raise ValueError("objective.num_given_frames: must be >= 1")
+        if self.num_frames < 0:
+            raise ValueError("objective.num_frames: must be >= 0 (0 = the bucket's frames)")
+        if self.tasks and self.given_frames != "none":
+            raise ValueError(
+                "objective.given_frames: leave it 'none' when objective.tasks lists the tasks "
+                "(each task names its given frames)"
+            )
+        check_tasks(self.tasks)
 
 
 @dataclass
@@ -315,6 +330,31 @@ def bucket_shape(key: str) -> tuple[int, int, int]:
     return frames, height, width
 
 
+def latent_bucket_key(latent_shape, downsample: int) -> str:
+    """The bucket key of a batch of latents (B, C, T, h, w): the per-frame encoders keep the
+    frame count and shrink space by `downsample`."""
+    _, _, frames, h, w = (int(v) for v in latent_shape)
+    return f"f{frames}x{h * downsample}x{w * downsample}"
+
+
+def check_tasks_fit(objective: ObjectiveSection, keys: list[str]) -> None:
+    """Before any worker starts: every bucket of the table has a task whose window fits it
+    (a 20-frame clip cannot give keyframes at stride 20), named in the error."""
+    from training.tasks import tasks_for_bucket
+
+    if not objective.tasks:
+        return
+    for key in keys:
+        frames = bucket_shape(key)[0]
+        if not tasks_for_bucket(objective.tasks, key, frames, objective.num_frames):
+            spans = {t.name: t.span(objective.num_frames or frames) for t in objective.tasks}
+            raise ConfigError(
+                f"objective.tasks: no task fits bucket {key} ({frames} prepared frames; frames "
+                f"each task's window spans: {spans}); prepare longer clips (frame_stride 1) or "
+                "lower a task's frame_stride"
+            )
+
+
 def bucket_tokens(model_cfg, key: str, downsample: int) -> int:
     """Patch tokens per sample of a bucket: latent frames over the temporal patch (one frame is
     an image: one temporal token) times latent cells over the spatial patch. The latent
@@ -491,6 +531,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer_state_bytes,
         warmup_constant,
     )
+    from training.tasks import build_task_batch
 
     cfg = load_config(TrainConfig, base=loop_config["config"])
     model_cfg = STIVConfig.from_dict(loop_config["model_config"])
@@ -650,10 +691,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 marker.touch()
                 os._exit(1)  # a real worker death: Ray Train restarts the group (FailureConfig)
         batch = {k: v.to(device) for k, v in batch.items()}
-        x1 = batch["latents"]
+        x1, micro_cond = batch["latents"], batch["micro_cond"]
         b, _, frames = x1.shape[:3]
         # Per-(step, rank) noise: a restart or resume draws exactly the same noise.
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index * 1009 + rank)
+        given_frames = _given_frames(cfg.objective, b, frames)
+        p_text, p_image = cfg.objective.text_dropout, cfg.objective.image_dropout
+        if cfg.objective.tasks:
+            # Each sample draws its task, window and stride (training/tasks.py).
+            tb = build_task_batch(
+                cfg.objective.tasks, x1, micro_cond,
+                bucket=latent_bucket_key(x1.shape, int(meta["downsample"])),
+                num_frames=cfg.objective.num_frames, text_dropout=p_text,
+                image_dropout=p_image, generator=generator,
+            )  # fmt: skip
+            x1, micro_cond, given_frames = tb.latents, tb.micro_cond, tb.given_frames
+            p_text, p_image = tb.p_text, tb.p_image
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_gpu):
             loss, _ = training_loss(
                 engine,
@@ -661,11 +714,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 batch["text_tokens"],
                 batch["text_mask"],
                 batch["text_pooled"],
-                batch["micro_cond"],
-                given_frames=_given_frames(cfg.objective, b, frames),
+                micro_cond,
+                given_frames=given_frames,
                 null_text=null_text,
-                p_text=cfg.objective.text_dropout,
-                p_image=cfg.objective.image_dropout,
+                p_text=p_text,
+                p_image=p_image,
                 timestep_sampler=cfg.objective.timestep_sampler,
                 generator=generator,
             )
@@ -785,6 +838,7 @@ def run_train(
         keys = sorted(set(db.table(cfg.latents_table, table_version).to_table(columns=["bucket"])
                           ["bucket"].to_pylist()))  # fmt: skip
         batch_sizes = bucket_batch_sizes(cfg.data, keys, model_cfg, int(meta["downsample"]))
+        check_tasks_fit(cfg.objective, keys)
         resumed = resume_checkpoint(run_dir, resume, scaling["num_workers"], cfg.seed, batch_sizes)
         checkpoints = [resumed] if resumed else []
         run_dir.mkdir(parents=True, exist_ok=True)
