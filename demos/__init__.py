@@ -1,0 +1,1 @@
+"""Synthetic data with known ground truth for demos, tests and the application training modes."""
