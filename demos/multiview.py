@@ -183,7 +183,7 @@ def poses(spec: ObjectSpec) -> list[dict[str, float]]:
     views += [(spec.input_azimuth + offset, elevation) for offset, elevation in VIEW_POSES]
     return [
         {
-            "azimuth": float(azimuth % 360.0),
+            "azimuth": round(float(azimuth % 360.0), 6),  # 19.3, not 19.300000000000011
             "elevation": float(elevation),
             "distance": CAMERA_DISTANCE,
             "fov": FOV_DEG,
