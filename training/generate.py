@@ -183,7 +183,7 @@ def _read_video_frames(path: str, count: int, stride: int, height: int, width: i
 
     from data_engine.store import storage_options_from_env
     from data_engine.video import VideoError
-    from stiv.config import ConfigError
+    from stiv_core.config import ConfigError
     from training.prepare import decode_windows
 
     window = [i * stride for i in range(count)]
@@ -228,7 +228,7 @@ def check_shape(request: GenerateRequest, config: Any, downsample: int) -> None:
     """Refuse sizes the model cannot take, naming the flag: latent height and width must
     divide by the spatial patch, and a video's frames by the temporal patch (one frame is an
     image, which every model takes)."""
-    from stiv.config import ConfigError
+    from stiv_core.config import ConfigError
 
     cell = downsample * config.patch_size
     for flag, value in (("--height", request.height), ("--width", request.width)):
@@ -247,7 +247,7 @@ def check_shape(request: GenerateRequest, config: Any, downsample: int) -> None:
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> Path:
     """(T, H, W, 3) uint8 -> H.264 MP4 (PyAV); playable by any player."""
-    from data_engine.samples import write_video
+    from data_engine.video import write_video
 
     return write_video(path, list(frames), fps=fps)
 

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from data_engine import quarantine
 from data_engine.store import Database
-from stiv.config import ConfigError, load_config, save_config
+from stiv_core.config import ConfigError, load_config, save_config
 from training.paths import resolve_path_fields
 
 # Order of the micro-conditions in `micro_cond`; must equal model.config.MICRO_COND_NAMES

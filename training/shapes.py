@@ -13,6 +13,7 @@ The measuring functions are plain numpy and are tested on videos with known answ
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +86,15 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> n
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half_width)
 
 
-def render(spec: ShapeSpec, num_frames: int, size: int) -> np.ndarray:
-    """(T, size, size, 3) uint8 frames of one spec (deterministic in `spec.seed`)."""
+def render(spec: ShapeSpec, num_frames: int, size: int, travel: float = TRAVEL) -> np.ndarray:
+    """(T, size, size, 3) uint8 frames of one spec (deterministic in `spec.seed`); the shape
+    covers `travel` of the frame over the clip (at most 1 - 0.28 - 2 / size: it stays inside)."""
     rng = np.random.default_rng(spec.seed)
     background = _texture(size, rng)
     radius = size * 0.14
-    travel = TRAVEL * size
+    if not 0.0 <= travel * size <= size - 2 * (radius + 1):
+        raise ValueError(f"travel: {travel} of the frame does not fit a {size} px frame")
+    travel = travel * size
     dx, dy = DIRECTIONS[spec.direction]
     # Start so the whole path stays inside the frame, with some random slack.
     margin = radius + 1
@@ -115,11 +119,16 @@ def render(spec: ShapeSpec, num_frames: int, size: int) -> np.ndarray:
 
 
 def write_dataset(
-    out_dir: str | Path, specs: list[ShapeSpec], num_frames: int, size: int, fps: int
+    out_dir: str | Path,
+    specs: list[ShapeSpec],
+    num_frames: int,
+    size: int,
+    fps: int,
+    travel: float = TRAVEL,
 ) -> list[Path]:
     """Videos plus same-stem `.txt` captions (the data engine's sidecar caption source) and a
-    `specs.jsonl` manifest with the ground truth."""
-    from data_engine.samples import write_video
+    `specs.jsonl` manifest with the ground truth (`travel`: see `render`)."""
+    from data_engine.video import write_video
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +136,7 @@ def write_dataset(
     with open(out_dir / "specs.jsonl", "w") as manifest:
         for i, spec in enumerate(specs):
             path = out_dir / f"{i:04d}_{spec.colour}_{spec.shape}_{spec.direction}.mp4"
-            write_video(path, list(render(spec, num_frames, size)), fps=fps)
+            write_video(path, list(render(spec, num_frames, size, travel)), fps=fps)
             path.with_suffix(".txt").write_text(spec.caption + "\n")
             manifest.write(json.dumps({"path": str(path), **spec.__dict__}) + "\n")
             paths.append(path)
@@ -185,3 +194,47 @@ def measure_direction(frames: np.ndarray, colour: str | None = None) -> str | No
 def measure_colour_kept(frames: np.ndarray, expected: str) -> bool:
     """TI2V: the last frame still shows the first frame's colour as its dominant prototype."""
     return measure_colour(frames[-1:]) == expected
+
+
+def colour_centroids(frames: np.ndarray, colour: str) -> list[tuple[float, float] | None]:
+    """(x, y) centroid in pixels of `colour`'s matching pixels in each frame (None where the
+    colour is absent)."""
+    return [_centroid(m) for m in colour_masks(frames)[colour]]
+
+
+def midpoint_errors(frames: np.ndarray, colour: str, filled: list[int]) -> list[float | None]:
+    """Interpolation / TUP: for each filled frame i with both neighbours in the video, the
+    distance in pixels from its centroid to the midpoint of frames i-1 and i+1's centroids
+    (linear motion puts it there). None where a centroid is missing; filled frames without two
+    neighbours (the last frame of a TUP window) are skipped."""
+    points = colour_centroids(frames, colour)
+    errors: list[float | None] = []
+    for i in filled:
+        if i <= 0 or i >= len(points) - 1:
+            continue
+        here, before, after = points[i], points[i - 1], points[i + 1]
+        if here is None or before is None or after is None:
+            errors.append(None)
+            continue
+        mid_x, mid_y = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        errors.append(float(np.hypot(here[0] - mid_x, here[1] - mid_y)))
+    return errors
+
+
+def midpoint_hits(
+    frames: np.ndarray, colour: str, filled: list[int], tolerance_px: float = 2.0
+) -> list[bool]:
+    """Per scored filled frame: its centroid lies within `tolerance_px` of its neighbours'
+    midpoint (a missing centroid is a miss)."""
+    return [e is not None and e <= tolerance_px for e in midpoint_errors(frames, colour, filled)]
+
+
+def direction_consistent(frames: np.ndarray, colour: str, expected: str, segments: int = 2) -> bool:
+    """Long video: the shape moves in `expected` over the whole video and over each of
+    `segments` equal consecutive parts of it (a rollout that turns or stalls half-way fails)."""
+    if measure_direction(frames, colour) != expected:
+        return False
+    bounds = np.linspace(0, len(frames), segments + 1).round().astype(int)
+    return all(
+        measure_direction(frames[a:b], colour) == expected for a, b in itertools.pairwise(bounds)
+    )

@@ -157,6 +157,9 @@ class DataSection:
     steps_per_fetch: int = 4  # steps read by one Ray Data read task (training.data.rank_feed)
     fetch_num_cpus: float = 0.25  # CPUs reserved by each batch-fetching task
     table_version: int = 0  # latents table version to read (0 = latest at the first start)
+    # Train on these buckets of the table only ([] = all): one latents table holds the shape
+    # clips and the multi-view renders, and each application stage names its own.
+    buckets: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or any(v < 1 for v in self.bucket_batch_size.values()):
@@ -328,6 +331,16 @@ def bucket_shape(key: str) -> tuple[int, int, int]:
     """(num_frames, height, width) in pixels of a bucket key `f{frames}x{height}x{width}`."""
     frames, height, width = (int(v) for v in key[1:].split("x"))
     return frames, height, width
+
+
+def select_buckets(data: DataSection, keys: list[str]) -> list[str]:
+    """The table's buckets this stage trains on (`data.buckets`; all when empty)."""
+    if not data.buckets:
+        return keys
+    missing = sorted(set(data.buckets) - set(keys))
+    if missing:
+        raise ConfigError(f"data.buckets: {missing} not in the latents table (it has {keys})")
+    return [k for k in keys if k in data.buckets]
 
 
 def latent_bucket_key(latent_shape, downsample: int) -> str:
@@ -614,6 +627,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         meta["storage_dtype"],
         loop_config["storage_options"],
     )
+    if cfg.data.buckets:
+        kept = select_buckets(cfg.data, list(index.buckets))
+        index = dataclasses.replace(index, buckets={k: index.buckets[k] for k in kept})
     batch_sizes = bucket_batch_sizes(
         cfg.data, list(index.buckets), model_cfg, int(meta["downsample"])
     )
@@ -837,6 +853,7 @@ def run_train(
         scaling = resolve_scaling(cfg.scaling, ray.cluster_resources())
         keys = sorted(set(db.table(cfg.latents_table, table_version).to_table(columns=["bucket"])
                           ["bucket"].to_pylist()))  # fmt: skip
+        keys = select_buckets(cfg.data, keys)
         batch_sizes = bucket_batch_sizes(cfg.data, keys, model_cfg, int(meta["downsample"]))
         check_tasks_fit(cfg.objective, keys)
         resumed = resume_checkpoint(run_dir, resume, scaling["num_workers"], cfg.seed, batch_sizes)
@@ -944,7 +961,7 @@ def dry_run(
         table = Database(cfg.db).table(cfg.latents_table, cfg.data.table_version or None)
         for key in table.to_table(columns=["bucket"])["bucket"].to_pylist():
             counts[key] = counts.get(key, 0) + 1
-        keys = sorted(counts)
+        keys = select_buckets(cfg.data, sorted(counts))
     else:
         if not buckets:
             raise ConfigError(
