@@ -34,11 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from data_engine.video import write_video
-except ImportError:  # until issue 19 moves the MP4 writer from demos.samples to data_engine.video
-    from demos.samples import write_video
-
 # ---------------------------------------------------------------------------------------------
 # Camera layout
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +334,8 @@ def write_dataset(
     fps only sets the timestamps: at the default 7 fps an object's views last exactly 1 s,
     the minimum clip length of pipelines/curate-multiview.yaml.
     """
+    from data_engine.video import write_video  # here: rendering and measuring need numpy only
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
