@@ -336,6 +336,8 @@ def write_dataset(
     """
     from data_engine.video import write_video  # here: rendering and measuring need numpy only
 
+    if size % 2:
+        raise ValueError(f"size: H.264 in yuv420p needs an even frame side, got {size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

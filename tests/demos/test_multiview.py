@@ -200,6 +200,22 @@ def test_written_objects_carry_caption_poses_and_keep_their_silhouettes(
         assert (mv.silhouette_iou(mv.render_views(spec, SIZE), decoded) > 0.95).all()
 
 
+def test_the_cli_writes_training_and_held_out_objects_apart(tmp_path: Path) -> None:
+    """`python -m demos.multiview OUT --held-out M` must keep held-out objects outside OUT, or
+    curating OUT would train on them."""
+    mv.main([str(tmp_path / "train"), "--objects", "3", "--held-out", "2", "--size", "32"])
+    train = sorted((tmp_path / "train").glob("*.mp4"))
+    held_out = sorted((tmp_path / "train-held-out").glob("*.mp4"))
+    assert len(train) == 3 and len(held_out) == 2
+    assert _decode(held_out[0]).shape == (7, 32, 32, 3)
+    train_specs, held_specs = mv.specs_split(3, 2, 0)
+    assert [p.with_suffix(".txt").read_text().strip() for p in held_out] == [
+        s.caption for s in held_specs
+    ]
+    with pytest.raises(ValueError, match="even"):
+        mv.write_dataset(tmp_path / "odd", train_specs[:1], size=33)
+
+
 def test_the_config_keeps_each_object_whole_where_a_content_detector_would_cut(
     dataset: tuple[list[mv.ObjectSpec], list[Path]],
 ) -> None:
