@@ -50,9 +50,7 @@ VIEW_POSES: tuple[tuple[float, float], ...] = (
 )
 NUM_FRAMES = 1 + len(VIEW_POSES)  # the input view, then the six novel views
 FOV_DEG = 30.0  # vertical = horizontal field of view (square frames), Zero123++ v1.2's
-CAMERA_DISTANCE = (
-    4.5  # camera to object centre, in object radii: the object spans ~85% of the frame
-)
+CAMERA_DISTANCE = 4.5  # camera to object centre (object radii): the unit sphere spans ~85%
 INPUT_ELEVATION_RANGE = (0.0, 30.0)  # input views are drawn with elevations in this range (deg)
 LIGHT_DIRECTION = (0.4, 1.0, 0.6)  # towards the light, world axes (y up); fixed to the object
 AMBIENT, DIFFUSE = 0.7, 0.3  # shade = AMBIENT + DIFFUSE * max(0, n . l): faces keep their hue

@@ -61,7 +61,8 @@ def test_a_render_is_the_input_view_then_six_views_at_the_documented_poses() -> 
     )
     spec = mv.ObjectSpec("prism", "red-green", 0, input_azimuth=300.0, input_elevation=12.5)
     frames = mv.render_views(spec, SIZE)
-    assert frames.shape == (7, SIZE, SIZE, 3) and frames.dtype == np.uint8
+    assert frames.shape == (mv.NUM_FRAMES, SIZE, SIZE, 3) == (7, SIZE, SIZE, 3)
+    assert frames.dtype == np.uint8
     poses = mv.poses(spec)
     assert len(poses) == 7
     assert poses[0] == {"azimuth": 300.0, "elevation": 12.5, "distance": 4.5, "fov": 30.0}
