@@ -259,7 +259,9 @@ def _scan(
     opened = time.monotonic()
     deadline: float | None = opened + cfg.probe_timeout_s  # until the duration is known
     with open_container(uri, storage, "probe", cfg.probe_timeout_s, deadline, source) as container:
-        stream = video_stream(container, uri, "probe", _threads(split, cpus_per_task))
+        stream = video_stream(
+            container, uri, "probe", _threads(split, cpus_per_task), split.skip_loop_filter
+        )
         first, rest = first_frame(container, stream, uri, "probe", deadline)
         if first is None:
             raise VideoError("probe", "decode_error", f"{uri}: no video frame decodes")

@@ -229,11 +229,19 @@ def open_container(
 
 
 def video_stream(
-    container: av.container.InputContainer, uri: str, stage: str, threads: int = 0
+    container: av.container.InputContainer,
+    uri: str,
+    stage: str,
+    threads: int = 0,
+    skip_loop_filter: str = "none",
 ) -> av.video.stream.VideoStream:
     """The first video stream, its decoder set to `threads` FFmpeg threads (0 = FFmpeg's own
     choice, one per core of the machine). Inside a Ray task pass the task's CPUs: FFmpeg
-    cannot see Ray's reservation, and N tasks x all-cores threads only adds contention."""
+    cannot see Ray's reservation, and N tasks x all-cores threads only adds contention.
+
+    `skip_loop_filter="noref"` skips the deblocking filter on frames no other frame predicts
+    from, so no error propagates (FFmpeg's generic `skip_loop_filter` decoder option; codecs
+    without a loop filter ignore it). See docs/design-notes.md "Where decode time goes"."""
     if not container.streams.video:
         raise VideoError(stage, "no_video_stream", f"{uri}: the container has no video stream")
     stream = container.streams.video[0]
@@ -243,6 +251,8 @@ def video_stream(
     stream.thread_type = "AUTO"
     if threads > 0:
         stream.codec_context.thread_count = threads
+    if skip_loop_filter != "none":
+        stream.codec_context.options = {"skip_loop_filter": skip_loop_filter}
     return stream
 
 
