@@ -8,7 +8,7 @@ backwards to 24 s: real texture and camera motion, no cut), in one run, fresh da
 - a plain PyAV decode of every frame to full-size RGB, two processes at a time;
 - the same `stiv curate` on 4N copies, to show how the cost grows (time and peak memory).
 
-Prints each wall time and the ratios (targets in docs/design-notes.md, "Curation speed").
+Prints each wall time and the ratios (targets in docs/design-notes.md "Curation speed").
 Run on an otherwise idle machine: `python bench/curate_e2e.py [--copies 48] [--no-growth]`.
 """
 

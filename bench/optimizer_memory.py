@@ -1,8 +1,9 @@
 """Optimizer-state memory per rank: AdaFactor/AdamW with and without DeepSpeed ZeRO partitioning.
 
-LESSONS.md: ZeRO-1/2 hand the optimizer flat 1-D partitions, so AdaFactor cannot factor its
-second moment there. This measures, on 2 real gloo ranks (CPU) with DeepSpeed, the bytes each
-rank holds for: the client optimizer's state (moments, factors) and ZeRO's fp32 partition copy.
+ZeRO-1/2 hand the optimizer flat 1-D partitions, so AdaFactor cannot factor its second moment
+there (docs/design-notes.md "AdaFactor under ZeRO"). This measures, on 2 real gloo ranks (CPU)
+with DeepSpeed, the bytes each rank holds for: the client optimizer's state (moments, factors)
+and ZeRO's fp32 partition copy.
 It checks the measurement against `training.optim.analytic_optimizer_bytes` and extrapolates to
 the paper presets at 8 and 64 ranks. Prints one JSON object.
 

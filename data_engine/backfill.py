@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from data_engine import quarantine as qu
 from data_engine import store as st
-from data_engine.pipeline import (
+from data_engine.dataflow import (
     VIDEO_END,
     CurateSummary,
     clip_failures,

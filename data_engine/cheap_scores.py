@@ -1,8 +1,9 @@
 """Cheap per-clip scores from the frames sampled once per clip: motion and clarity.
 
 Both work at a fixed working resolution so a score means the same thing for a 4K and a 240p
-source: motion is in percent of the frame's short side per second (ARCHITECTURE.md's unit),
-clarity is the Laplacian variance of the frame resized to a fixed short side.
+source: motion is in percent of the frame's short side per second (the unit of
+docs/architecture.md "Storage"), clarity is the Laplacian variance of the frame resized to a
+fixed short side.
 """
 
 from __future__ import annotations

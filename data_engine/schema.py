@@ -1,4 +1,4 @@
-"""Every curation table's layout, in one place (docs/architecture.md, "Storage").
+"""Every curation table's layout, in one place (docs/architecture.md "Storage").
 
 The `videos`, `quarantine` and core `clips` columns are fixed here; each stage owns the clip
 columns it adds (`Stage.output_schema`), and `clips_schema` joins the two for a run. Transient

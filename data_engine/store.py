@@ -1,12 +1,14 @@
 """The database: one directory (or object-store URI) of Lance tables.
 
-Tables (ARCHITECTURE.md): `videos`, `clips`, `quarantine`, `dsg_claims`, `snapshots`, and
-the latents tables written by `stiv prepare`. This module is the only place that knows where a
-table lives and how rows are upserted, deleted, queried and pinned by snapshots.
+Tables (docs/architecture.md "Storage"): `videos`, `clips`, `quarantine`, `dsg_claims`,
+`snapshots`, and the latents tables written by `stiv prepare`. This module is the only place
+that knows where a table lives and how rows are upserted, deleted, queried and pinned by
+snapshots.
 
 Driver-side writes here are small (video rows, quarantine rows, snapshot records). Clip rows
-are written from Ray Data with `lance_ray.write_lance` by the pipeline (ENV-NOTES.md: Ray's
-own `Dataset.write_lance` is broken with pylance 14).
+are written from Ray Data with `lance_ray.write_lance` by the pipeline (Ray's own
+`Dataset.write_lance` is broken with pylance 14: docs/design-notes.md "Ray Data behaviours we
+work around").
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # of 7 in one process on the shared 2-core machine: no index counted in 9.9 / 88 ms, a BTREE on
 # the most selective column (aesthetic_score) in 22 / 152 ms, ZONEMAPs on all three in 14 ms
 # at 1M (scores are not clustered by row order, so zone maps prune nothing); fetch and top-20
-# were slower with either index too. ENV-NOTES.md saw the same for a BTREE on every column.
+# were slower with either index too, as for a BTREE on every column (docs/design-notes.md "Lance").
 _INDEXED = {VIDEOS: {"video_id": "BTREE", "status": "BITMAP"}, CLIPS: {"video_id": "BTREE"}}
 # Compaction target, rows per fragment: Lance's own write default (`max_rows_per_file`), which
 # the 10M-row benchmark table uses (10 fragments). Data storage version stays Lance's default

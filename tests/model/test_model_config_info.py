@@ -72,7 +72,7 @@ def test_paper_parameter_counts(name):
     paper = PAPER_PARAMETERS[name]
     errs = [abs(info[k] / paper - 1) for k in ("parameters", "parameters_without_temporal")]
     assert min(errs) < 0.10, (name, info["parameters"], info["parameters_without_temporal"])
-    # STIV-RECIPE.md: XL and XXL match without temporal attention, M with it.
+    # docs/recipe.md "Presets": XL and XXL match without temporal attention, M with it.
     expected = "parameters" if name == "stiv-m" else "parameters_without_temporal"
     assert info["paper_matches"] == expected
     assert sum(info["components"].values()) == info["parameters"]

@@ -1,5 +1,5 @@
 """The CLI contract's error promise, through the console script itself: a command that cannot
-run exits 2 with one line on stderr, never a traceback (shared ARCHITECTURE.md, CLI contract)."""
+run exits 2 with one line on stderr, never a traceback (docs/architecture.md "CLI contract")."""
 
 from __future__ import annotations
 

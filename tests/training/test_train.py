@@ -269,7 +269,8 @@ def test_rank_feed_reads_planned_batches_across_datasets_and_epochs(train_db, ra
 
 
 def test_resolve_scaling_leaves_cpus_for_data():
-    """On the 2-core machine, 2 workers must not take both CPUs (ENV-NOTES.md deadlock)."""
+    """On the 2-core machine, 2 workers must not take both CPUs (docs/design-notes.md "The 2-core
+    trap")."""
     from training.train import ScalingSection
 
     assert resolve_scaling(ScalingSection(num_workers=2), {"CPU": 2}) == {
