@@ -151,7 +151,7 @@ def test_dockerfile_builds_from_the_pinned_ray_image_and_installs_the_package() 
     assert f"rayproject/ray:{RAY_PIN}-py311-gpu" in text
     assert "-c constraints.txt" in text
     copied = set(re.findall(r"^COPY .*? (\S+) \./\S*$", text, re.M))
-    for needed in ("stiv", "data_engine", "model", "training", "pipelines"):
+    for needed in ("stiv", "stiv_core", "data_engine", "model", "training", "pipelines"):
         assert needed in copied, f"Dockerfile does not copy {needed}/"
         assert (REPO / needed).is_dir()
     for source in ("pyproject.toml", "constraints.txt", "README.md"):
