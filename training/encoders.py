@@ -359,18 +359,27 @@ def build_latent_encoder(
     raise ValueError(f"encoder.kind: unknown encoder {kind!r} (pixel | vae)")
 
 
+# The caption words of demos/multiview.py's renders ("a red and blue cube"), written out here
+# because library code does not import demos/ (docs/architecture.md "Import layers");
+# tests/training/test_apps_generate.py checks that this list covers MULTIVIEW_CAPTION_WORDS.
+MULTIVIEW_CAPTION_WORDS = (
+    "a", "and", "red", "green", "blue", "yellow", "cube", "pyramid", "prism", "octahedron",
+)  # fmt: skip
 TINY_TEXT_DIR = "tiny-clip-text"  # the directory name pipelines/*-tiny-cpu*.yaml expect
 
 
 def write_tiny_models(out: str | Path) -> dict[str, str]:
     """Write the seeded tiny encoders the tiny CPU pipelines name (`models/tiny-clip-text` in
-    pipelines/prepare-tiny-cpu*.yaml): the CLIP text stand-in with the train-demo's caption
-    words as single tokens, 16 tokens long. Returns {name: directory}. Same seed, same files:
-    rerunning overwrites with identical weights."""
+    pipelines/prepare-tiny-cpu*.yaml): the CLIP text stand-in with the caption words of the
+    train-demo's moving shapes and of the multi-view renders (docs/applications.md
+    "Multi-view") as single tokens, 16 tokens long. Returns {name: directory}. Same seed, same
+    files: rerunning overwrites with identical weights."""
     from training.shapes import CAPTION_WORDS
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out: {out} exists and is not a directory")
-    text = make_tiny_text_encoder(out / TINY_TEXT_DIR, max_length=16, words=CAPTION_WORDS)
+    # Shape words first: their merges keep the ranks (and token ids) they had alone.
+    words = (*CAPTION_WORDS, *MULTIVIEW_CAPTION_WORDS)
+    text = make_tiny_text_encoder(out / TINY_TEXT_DIR, max_length=16, words=words)
     return {"text": str(text.absolute())}

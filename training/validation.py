@@ -51,7 +51,7 @@ class Validator:
         shape: tuple[int, int, int],
         device: str = "cpu",
     ) -> None:
-        from training.generate import Generator, _read_image
+        from training.generate import Generator, read_image
 
         info = {k: v for k, v in meta.items() if not isinstance(v, bytes)}
         self.generator = Generator.from_parts(None, model_cfg, info, null, device)
@@ -63,7 +63,7 @@ class Validator:
         )
         self.given = None
         if cfg.image:
-            self.given = {0: _read_image(cfg.image, self.height, self.width)[None]}
+            self.given = {0: read_image(cfg.image, self.height, self.width)[None]}
 
     def __call__(self, ema_state: dict[str, torch.Tensor], step: int, writer: Any = None) -> Path:
         import numpy as np

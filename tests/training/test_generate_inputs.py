@@ -12,7 +12,7 @@ import numpy as np
 
 from data_engine.store import Database
 from demos.samples import write_rotated_video
-from training.generate import _read_video_frames
+from training.generate import read_video_frames
 
 STIV = [sys.executable, "-m", "stiv.cli"]
 
@@ -40,7 +40,7 @@ def test_video_condition_honours_rotation(tmp_path):
     """A clip stored landscape with a 90-degree display rotation is seen portrait: its red
     top-left marker must end up top-right, as prepare shows such clips to training."""
     path = write_rotated_video(tmp_path / "rotated.mp4", rotation=90, num_frames=8)
-    frames = _read_video_frames(str(path), count=2, stride=2, height=64, width=48)
+    frames = read_video_frames(str(path), count=2, stride=2, height=64, width=48)
     assert frames.shape == (2, 64, 48, 3)
     corner = frames[0, :8, -8:].reshape(-1, 3).mean(axis=0)
     assert corner[0] > 180 and corner[1] < 80 and corner[2] < 80, corner
