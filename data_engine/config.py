@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from data_engine.stage_list import STAGES
 from data_engine.stages.base import Stage, StageResources
-from data_engine.video import SamplingConfig
+from data_engine.video import DEFAULT_PROBE_TIMEOUT_S, SamplingConfig
 from stiv_core.config import ConfigError, load_config
 
 DEFAULT_STAGES = ("probe", "split", "motion", "clarity")
@@ -66,7 +66,7 @@ class CurateBase:
     videos_per_commit: int = 16  # finished videos committed together (fewer, larger commits)
     commit_interval_s: float = 30.0  # ... or whatever is finished after this many seconds
     max_attempts: int = 3  # tries per video (and per clip and stage) before it stays quarantined
-    probe_timeout_s: float = 120.0  # budget for opening a video and decoding its first frame (s)
+    probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S  # budget to open a video, decode frame 0 (s)
     storage_options: dict[str, str] = field(default_factory=dict)
     # Lance/object-store options (endpoint, region, ...); credentials come from the environment.
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -38,3 +38,12 @@ def pack_frames(frames: np.ndarray) -> tuple[bytes, list[int]]:
 def unpack_frames(raw: bytes, shape: list[int] | np.ndarray) -> np.ndarray:
     """Inverse of `pack_frames`."""
     return np.frombuffer(raw, dtype=np.uint8).reshape([int(s) for s in shape])
+
+
+def even_frame_indices(num_available: int, num_wanted: int) -> np.ndarray:
+    """Indices of `num_wanted` frames spread evenly from the first to the last of
+    `num_available` (all of them when `num_wanted` is 0 or at least `num_available`). The one
+    frame picker of the scorers, captioner and DSG checker."""
+    if num_wanted <= 0 or num_wanted >= num_available:
+        return np.arange(num_available)
+    return np.unique(np.round(np.linspace(0, num_available - 1, num_wanted)).astype(np.int64))

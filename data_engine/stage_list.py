@@ -32,10 +32,6 @@ STAGES: tuple[type[Stage], ...] = (
 )
 
 
-def stage_names(stages: tuple[type[Stage], ...] = STAGES) -> tuple[str, ...]:
-    return tuple(s.name for s in stages)
-
-
 def by_name(names: list[str], stages: tuple[type[Stage], ...] = STAGES) -> list[type[Stage]]:
     """The stage classes for `names`, in pipeline order."""
     wanted = set(names)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 import av
@@ -32,7 +32,9 @@ from av.video.reformatter import VideoReformatter
 from data_engine.frames import ClipFrames
 from stiv_core.uris import is_local
 
-DEFAULT_PROBE_TIMEOUT_S = 120.0  # as CurateConfig.probe_timeout_s
+T = TypeVar("T")
+
+DEFAULT_PROBE_TIMEOUT_S = 120.0  # seconds; also the default of CurateConfig.probe_timeout_s
 # Packets read after a seek before we give up looking for a decodable frame near the end.
 _TAIL_CHECK_MAX_PACKETS = 600
 
@@ -589,6 +591,64 @@ def sample_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
+def decode_windows(
+    uri: str,
+    windows: Sequence[Collection[int]],
+    convert: Callable[[av.VideoFrame, int, av.video.stream.VideoStream], T],
+    stage: str,
+    storage_options: dict[str, Any] | None = None,
+    open_timeout_s: float | None = None,
+    deadline: float | None = None,
+    threads: int = 0,
+) -> Iterator[tuple[int, dict[int, T]]]:
+    """(window index, {frame index: converted frame}) for windows of frame indices of one
+    video, in one sequential decoding pass; each window is yielded as soon as its last frame is
+    decoded, and a frame is freed once no later window needs it, so a long film never holds
+    more than its open windows. The one window decoder: clip sampling (`iter_clip_frames`) and
+    latent preparation both read frames through it.
+
+    Frames are numbered by decoding order, exactly as the split stage counts them (timestamps
+    drift on variable-frame-rate files), and only the needed ones are converted:
+    `convert(frame, index, stream)` turns one into what the caller keeps. Decoding stops after
+    the last needed frame; a video that ends before it raises VideoError(stage, "truncated").
+    """
+    needs = [set(window) for window in windows]
+    if not needs:
+        return
+    order = sorted(range(len(needs)), key=lambda w: max(needs[w], default=-1))
+    users: dict[int, int] = {}
+    for needed in needs:
+        for frame_index in needed:
+            users[frame_index] = users.get(frame_index, 0) + 1
+    kept: dict[int, T] = {}
+    next_window = 0
+    index = -1
+    with open_container(uri, storage_options, stage, open_timeout_s, deadline) as container:
+        stream = video_stream(container, uri, stage, threads)
+        frames = decode_frames(container, stream, uri, stage, deadline)
+        while True:
+            while next_window < len(order) and max(needs[order[next_window]], default=-1) <= index:
+                window = order[next_window]
+                yield window, {i: kept[i] for i in needs[window]}
+                for i in needs[window]:
+                    users[i] -= 1
+                    if users[i] == 0:
+                        del kept[i]
+                next_window += 1
+            if next_window == len(order):
+                return
+            frame = next(frames, None)
+            if frame is None:
+                break
+            index += 1
+            if index in users:
+                kept[index] = convert(frame, index, stream)
+    missing = min(i for i in users if i > index)
+    raise VideoError(
+        stage, "truncated", f"{uri}: only {index + 1} frames decode, frame {missing} is missing"
+    )
+
+
 def iter_clip_frames(
     uri: str,
     info: VideoInfo,
@@ -600,59 +660,40 @@ def iter_clip_frames(
     threads: int = 0,
 ) -> Iterator[tuple[int, ClipFrames]]:
     """(clip index, sampled frames) for every clip of one video, in one sequential decoding
-    pass, yielded as soon as a clip's last needed frame is decoded (its frames are then freed),
-    so a long film never holds all its sampled frames at once.
+    pass (`decode_windows`), yielded as soon as a clip's last needed frame is decoded (its
+    frames are then freed), so a long film never holds all its sampled frames at once.
 
     Why sequential rather than seeking: frame numbers are counted exactly as the split stage
     counts them (decoded frames, not timestamps, which drift on variable-frame-rate files), and
     only the needed frames are converted to RGB, which is where the time goes after decoding.
-    Decoding stops after the last needed frame. `pairs` gives each clip's (frame, pair frame)
-    indices explicitly (those the streaming pass recorded in `sample_frames`/`sample_pairs`);
-    by default they follow `clip_sample_indices`.
+    `pairs` gives each clip's (frame, pair frame) indices explicitly (those the streaming pass
+    recorded in `sample_frames`/`sample_pairs`); by default they follow `clip_sample_indices`.
     """
     if deadline is None:
         deadline = time.monotonic() + cfg.budget_s(info.duration_s)
     per_clip = pairs or [clip_sample_indices(start, end, cfg) for start, end in clips]
-    if not per_clip:
-        return
-    # Clips in the order their last needed frame arrives; reference counts free shared frames.
-    needs = [{i for pair in pairs for i in pair} for pairs in per_clip]
-    order = sorted(range(len(per_clip)), key=lambda c: max(needs[c]))
-    users: dict[int, int] = {}
-    for needed in needs:
-        for index in needed:
-            users[index] = users.get(index, 0) + 1
     coded_w, coded_h = info.coded_size
     out_w, out_h = sample_size(coded_w, coded_h, cfg.max_side)
+    reformatter = VideoReformatter()  # keeps one swscale context for the whole video
+    start_s: list[float] = []  # the stream's start time, read once the stream is open
 
-    images: dict[int, np.ndarray] = {}
-    times: dict[int, float] = {}
-    next_clip = 0
-    index = -1
-    with open_container(uri, storage_options, "sample", cfg.timeout_s, deadline) as container:
-        stream = video_stream(container, uri, "sample", threads)
-        start_s = stream_start_s(stream)
-        reformatter = VideoReformatter()  # keeps one swscale context for the whole video
-        for frame in decode_frames(container, stream, uri, "sample", deadline):
-            index += 1
-            if index in users:
-                rgb = frame_to_array(frame, out_w, out_h, "rgb24", reformatter)
-                images[index] = apply_rotation(rgb, info.rotation_deg)
-                times[index] = frame_time_s(frame, start_s, index, info.fps)
-            while next_clip < len(order) and max(needs[order[next_clip]]) <= index:
-                clip = order[next_clip]
-                yield clip, clip_frames_from(per_clip[clip], images, times)
-                for i in needs[clip]:
-                    users[i] -= 1
-                    if users[i] == 0:
-                        del images[i]
-                next_clip += 1
-            if next_clip == len(order):
-                return
-    missing = min(i for i in users if i > index)
-    raise VideoError(
-        "sample", "truncated", f"{uri}: only {index + 1} frames decode, frame {missing} is missing"
-    )
+    def convert(
+        frame: av.VideoFrame, index: int, stream: av.video.stream.VideoStream
+    ) -> tuple[np.ndarray, float]:
+        if not start_s:
+            start_s.append(stream_start_s(stream))
+        rgb = frame_to_array(frame, out_w, out_h, "rgb24", reformatter)
+        return apply_rotation(rgb, info.rotation_deg), frame_time_s(
+            frame, start_s[0], index, info.fps
+        )
+
+    windows = [{i for pair in clip_pairs for i in pair} for clip_pairs in per_clip]
+    for clip, decoded in decode_windows(
+        uri, windows, convert, "sample", storage_options, cfg.timeout_s, deadline, threads
+    ):
+        images = {i: image for i, (image, _) in decoded.items()}
+        times = {i: time_s for i, (_, time_s) in decoded.items()}
+        yield clip, clip_frames_from(per_clip[clip], images, times)
 
 
 def stream_start_s(stream: av.video.stream.VideoStream) -> float:

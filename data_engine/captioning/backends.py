@@ -135,15 +135,6 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def sample_frame_indices(num_available: int, num_wanted: int) -> list[int]:
-    """Evenly spaced frame indices covering the clip from first to last sampled frame."""
-    if num_available <= 0:
-        return []
-    if num_wanted >= num_available:
-        return list(range(num_available))
-    return [round(float(x)) for x in np.linspace(0, num_available - 1, num_wanted)]
-
-
 # ----------------------------------------------------------------------------- OpenAI
 
 
@@ -469,7 +460,6 @@ __all__ = [
     "encode_jpeg_data_url",
     "make_backend",
     "parse_chat_response",
-    "sample_frame_indices",
     "text_hash",
 ]
 

@@ -21,10 +21,9 @@ from data_engine.captioning.backends import (
     config_summary,
     make_backend,
     require_chat,
-    sample_frame_indices,
     text_hash,
 )
-from data_engine.frames import ClipFrames
+from data_engine.frames import ClipFrames, even_frame_indices
 from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
 
 DEFAULT_CAPTION_PROMPT = (
@@ -94,7 +93,7 @@ class Captioner:
 
     def request_for(self, clip: ClipFrames) -> ChatRequest:
         """The chat request that captions one clip."""
-        idx = sample_frame_indices(len(clip.frames), self.config.frames_per_clip)
+        idx = even_frame_indices(len(clip.frames), self.config.frames_per_clip).tolist()
         return ChatRequest(
             prompt=self.config.prompt,
             images=tuple(clip.frames[i] for i in idx),

@@ -32,10 +32,9 @@ from data_engine.captioning.backends import (
     config_summary,
     make_backend,
     require_chat,
-    sample_frame_indices,
     text_hash,
 )
-from data_engine.frames import ClipFrames
+from data_engine.frames import ClipFrames, even_frame_indices
 from data_engine.stages.base import ClipInput, Stage
 
 KINDS = ("entity", "attribute", "relation")
@@ -330,7 +329,7 @@ class DSGChecker:
         n_frames = self.verify_config.frames_per_clip
         checks = []
         for clip, cid in zip(clips, clip_ids):
-            idx = sample_frame_indices(len(clip.frames), n_frames)
+            idx = even_frame_indices(len(clip.frames), n_frames).tolist()
             times = [float(clip.times_s[i]) for i in idx] if len(clip.times_s) else []
             checks.append(_ClipCheck(cid, idx, times))
         for check, caption in zip(checks, captions):

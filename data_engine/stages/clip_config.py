@@ -96,13 +96,6 @@ def clip_embed_dim(model_name: str, model_config_path: str = "") -> int:
     return int(cfg["embed_dim"])
 
 
-def even_frame_indices(num_available: int, num_wanted: int) -> np.ndarray:
-    """Indices of `num_wanted` frames spread evenly over `num_available` (all when 0 or more)."""
-    if num_wanted <= 0 or num_wanted >= num_available:
-        return np.arange(num_available)
-    return np.unique(np.round(np.linspace(0, num_available - 1, num_wanted)).astype(np.int64))
-
-
 def normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32)."""
     x = np.asarray(x, dtype=np.float32)

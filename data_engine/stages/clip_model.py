@@ -19,11 +19,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from data_engine.frames import even_frame_indices
 from data_engine.stages.base import StageError
 from data_engine.stages.clip_config import (
     ClipModelConfig,
     checkpoint_provenance,
-    even_frame_indices,
     file_sha256_16,
     require_file,
 )

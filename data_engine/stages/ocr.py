@@ -24,9 +24,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from data_engine.frames import ClipFrames
+from data_engine.frames import ClipFrames, even_frame_indices
 from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
-from data_engine.stages.clip_config import even_frame_indices
 
 
 @dataclass

@@ -9,9 +9,9 @@ import pytest
 import torch
 from stage_helpers import make_clip, textured_frame
 
+from data_engine.frames import even_frame_indices
 from data_engine.stages.aesthetic import AestheticConfig, AestheticScorer, load_aesthetic_head
 from data_engine.stages.base import StageError
-from data_engine.stages.clip_config import even_frame_indices
 from data_engine.stages.clip_model import AestheticHead, encode_frame_stacks
 
 

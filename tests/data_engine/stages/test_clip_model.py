@@ -10,8 +10,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from stage_helpers import make_clip, textured_frame
 
+from data_engine.frames import even_frame_indices
 from data_engine.stages.base import StageError
-from data_engine.stages.clip_config import clip_embed_dim, even_frame_indices
+from data_engine.stages.clip_config import clip_embed_dim
 from data_engine.stages.clip_model import (
     FramePreprocessor,
     encode_frame_stacks,
