@@ -206,3 +206,34 @@ def relative_run(tmp_path_factory) -> dict[str, Path]:
     meta = db.table(meta_table_name("latents")).to_table().to_pylist()[0]
     run = write_fake_run(root / "run", meta)
     return {"root": root, "db": Path(db.uri), "plain_db": Path(plain.uri), "run": run}
+
+
+@pytest.fixture(scope="session")
+def apps_generator(tmp_path_factory):
+    """A random tiny STIV over 2x2 pixel latents (12 channels) and the tiny CLIP stand-in;
+    its training tasks as an all-tasks run would record them."""
+    import torch
+
+    from model.config import get_preset
+    from model.network import STIV
+    from training.encoders import TextEncoder
+    from training.generate import Generator
+
+    text_dir = make_tiny_text_encoder(tmp_path_factory.mktemp("text"), max_length=16)
+    text = TextEncoder(str(text_dir), "text", 16)
+    empty = text.encode([""])
+    torch.manual_seed(0)
+    model = STIV(get_preset("stiv-tiny", in_channels=12, text_dim=text.dim, max_text_tokens=16))
+    info = {"text_path": str(text_dir), "text_len": 16, "encoder_kind": "pixel",
+            "pixel_patch": 2, "frame_stride": 1}  # fmt: skip
+    null = (empty.tokens[0], empty.mask[0], empty.pooled[0])
+    generator = Generator.from_parts(model.eval(), model.cfg, info, null)
+    generator.tasks = [
+        {"name": "t2v", "given_frames": "none", "frame_stride": 4},
+        {"name": "predict", "given_frames": "first_k", "frame_stride": 5},
+        {"name": "upsample", "given_frames": "every_other", "frame_stride": 2},
+        {"name": "keyframe", "given_frames": "first", "frame_stride": 7},
+        {"name": "fill", "given_frames": "endpoints", "frame_stride": 1},
+        {"name": "multiview", "given_frames": "views", "frame_stride": 1},
+    ]
+    return generator

@@ -8,14 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import get_preset
-from model.network import STIV
 from stiv.cli import CliError, build_parser, generate_request
 from stiv_core.config import ConfigError
-from training.encoders import TextEncoder, make_tiny_text_encoder
+from training.encoders import TextEncoder
 from training.generate import (
     GenerateRequest,
-    Generator,
     check_device,
     long_videos,
     multiview_videos,
@@ -27,92 +24,74 @@ from training.generate import (
 SAMPLING = {"height": 16, "width": 16, "cfg_scale": 2.0, "steps": 2, "seed": 3}
 
 
-@pytest.fixture(scope="module")
-def gen(tmp_path_factory) -> Generator:
-    """A random tiny STIV over 2x2 pixel latents (12 channels) and the tiny CLIP stand-in;
-    its training tasks as an all-tasks run would record them."""
-    text_dir = make_tiny_text_encoder(tmp_path_factory.mktemp("text"), max_length=16)
-    text = TextEncoder(str(text_dir), "text", 16)
-    empty = text.encode([""])
-    torch.manual_seed(0)
-    model = STIV(get_preset("stiv-tiny", in_channels=12, text_dim=text.dim, max_text_tokens=16))
-    info = {"text_path": str(text_dir), "text_len": 16, "encoder_kind": "pixel",
-            "pixel_patch": 2, "frame_stride": 1}  # fmt: skip
-    null = (empty.tokens[0], empty.mask[0], empty.pooled[0])
-    generator = Generator.from_parts(model.eval(), model.cfg, info, null)
-    generator.tasks = [
-        {"name": "t2v", "given_frames": "none", "frame_stride": 4},
-        {"name": "predict", "given_frames": "first_k", "frame_stride": 5},
-        {"name": "upsample", "given_frames": "every_other", "frame_stride": 2},
-        {"name": "keyframe", "given_frames": "first", "frame_stride": 7},
-        {"name": "fill", "given_frames": "endpoints", "frame_stride": 1},
-        {"name": "multiview", "given_frames": "views", "frame_stride": 1},
-    ]
-    return generator
-
-
 def _frames(n: int, t: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, t, 16, 16, 3), dtype=np.uint8)
 
 
-def test_strides_come_from_the_runs_tasks(gen) -> None:
+def test_strides_come_from_the_runs_tasks(apps_generator) -> None:
     """Each sampling call conditions on the stride its task trained at (names first, then the
     given pattern); a mode with no task falls back to the prepare stride."""
-    assert gen.task_stride("t2v") == 4 and gen.task_stride("predict") == 5
-    assert gen.task_stride("keyframe") == 7 and gen.task_stride("fill") == 1
-    assert gen.task_stride("interpolate") == 1  # the fill task (endpoints)
-    assert gen.task_stride("ti2v") == 7  # no ti2v task: the first-frame task is keyframes
-    assert gen.task_stride("extend") == 5  # no extend task: the first_k task is predict
+    assert apps_generator.task_stride("t2v") == 4 and apps_generator.task_stride("predict") == 5
+    assert apps_generator.task_stride("keyframe") == 7 and apps_generator.task_stride("fill") == 1
+    assert apps_generator.task_stride("interpolate") == 1  # the fill task (endpoints)
+    assert (
+        apps_generator.task_stride("ti2v") == 7
+    )  # no ti2v task: the first-frame task is keyframes
+    assert apps_generator.task_stride("extend") == 5  # no extend task: the first_k task is predict
 
 
-def test_prediction_interpolation_ti2v_keep_given_frames_exact(gen) -> None:
+def test_prediction_interpolation_ti2v_keep_given_frames_exact(apps_generator) -> None:
     given = _frames(2, 8)
     prompts = ["a red circle moving left", "a blue square moving up"]
     for indices in ([0], [0, 7], [0, 1, 2, 3]):
-        video = gen.sample(prompts, frames=8, given_pixels={i: given[:, i] for i in indices},
+        video = apps_generator.sample(prompts, frames=8, given_pixels={i: given[:, i] for i in indices},
                            frame_stride=5, **SAMPLING)  # fmt: skip
         for i in indices:
             np.testing.assert_array_equal(video[:, i], given[:, i], err_msg=f"frame {i}")
 
 
-def test_upsampler_doubles_the_frames_and_keeps_the_inputs(gen) -> None:
+def test_upsampler_doubles_the_frames_and_keeps_the_inputs(apps_generator) -> None:
     """TUP: 5 input frames -> 10, the inputs bit-exact at the even positions, every odd
     position generated (windows of 4 overlapping by 2)."""
     low = _frames(2, 5, seed=1)
-    high = upsample_videos(gen, ["a", "b"], low, window=4, **SAMPLING)
+    high = upsample_videos(apps_generator, ["a", "b"], low, window=4, **SAMPLING)
     assert high.shape == (2, 10, 16, 16, 3)
     np.testing.assert_array_equal(high[:, 0::2], low)
     assert all(high[:, i].any() for i in range(1, 10, 2))
     with pytest.raises(ValueError, match="fewer than one window"):
-        upsample_videos(gen, ["a"], low[:1, :1], window=4, **SAMPLING)
+        upsample_videos(apps_generator, ["a"], low[:1, :1], window=4, **SAMPLING)
 
 
 @pytest.mark.parametrize(("keyframes", "gap"), [(2, 7), (4, 3), (6, 5)])
-def test_long_video_has_the_requested_length_and_exact_keyframes(gen, keyframes, gap) -> None:
+def test_long_video_has_the_requested_length_and_exact_keyframes(
+    apps_generator, keyframes, gap
+) -> None:
     """(N - 1) * S + 1 frames; the first frame is the given one and every S-th frame is the
     keyframe sampled first (the fill windows hold them fixed)."""
     first = _frames(1, 1, seed=2)[:, 0]
-    video = long_videos(gen, ["a green circle moving right"], first, keyframes=keyframes,
+    video = long_videos(apps_generator, ["a green circle moving right"], first, keyframes=keyframes,
                         gap=gap, **SAMPLING)  # fmt: skip
     assert video.shape[1] == (keyframes - 1) * gap + 1
     request = GenerateRequest(checkpoint="x", prompt="p", mode="long", keyframes=keyframes,
                               keyframe_stride=gap)  # fmt: skip
     assert request.output_frames == video.shape[1]
     np.testing.assert_array_equal(video[:, 0], first)
-    keys = gen.sample(["a green circle moving right"], frames=keyframes, given_pixels={0: first},
+    keys = apps_generator.sample(["a green circle moving right"], frames=keyframes, given_pixels={0: first},
                       frame_stride=7, **SAMPLING)  # fmt: skip
     np.testing.assert_array_equal(video[:, ::gap], keys)
 
 
-def test_rollout_and_multiview(gen) -> None:
+def test_rollout_and_multiview(apps_generator) -> None:
     """Rollout keeps its context and reaches the length in the counted calls; multi-view keeps
     the input view as frame 0 and returns it plus six views."""
     context = _frames(1, 4, seed=4)
-    video = rollout_videos(gen, ["a"], context, 22, window=8, **SAMPLING)
+    video = rollout_videos(apps_generator, ["a"], context, 22, window=8, **SAMPLING)
     assert video.shape[1] == 22 and rollout_calls(22, 4, 8) == 5
     np.testing.assert_array_equal(video[:, :4], context)
     view = _frames(2, 1, seed=5)[:, 0]
-    views = multiview_videos(gen, ["a red and blue cube"] * 2, view, window=8, **SAMPLING)
+    views = multiview_videos(
+        apps_generator, ["a red and blue cube"] * 2, view, window=8, **SAMPLING
+    )
     assert views.shape == (2, 7, 16, 16, 3)
     np.testing.assert_array_equal(views[:, 0], view)
 
