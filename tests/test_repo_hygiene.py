@@ -485,3 +485,47 @@ def test_the_import_checks_see_what_they_should():
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert import_cycles({"a": {"b"}, "b": set()}) == []
     assert import_cycles({"a": {"a"}}) == [["a"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Habits
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_cli_command_and_flag_has_help():
+    """`stiv X --help` is the CLI's documentation: a flag without `help=` is one a user has to
+    read the source for."""
+    import argparse
+
+    from stiv.cli import build_parser
+
+    missing = []
+    pending = [("stiv", build_parser())]
+    while pending:
+        name, parser = pending.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {choice.dest for choice in action._choices_actions if choice.help}
+                for command, subparser in action.choices.items():
+                    if command not in helped:
+                        missing.append(f"{name} {command}: no help")
+                    pending.append((f"{name} {command}", subparser))
+                continue
+            if not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}: no help")
+    assert not missing, "CLI entries without help=:\n" + "\n".join(sorted(missing))
+
+
+def test_every_ruff_ignore_gives_its_reason():
+    """A rule switched off without a reason is never switched back on."""
+    import tomllib
+
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    ignored = tomllib.loads(text)["tool"]["ruff"]["lint"].get("ignore", [])
+    block = re.search(r"(?ms)^\[tool\.ruff\.lint\]$.*?^ignore = \[(.*?)^\]", text)
+    assert block, "pyproject.toml: [tool.ruff.lint] ignore must be a multi-line list"
+    reasons = dict(re.findall(r'^\s*"([A-Z]+\d+)",\s*#\s*(\S.*)$', block.group(1), re.M))
+    unexplained = [rule for rule in ignored if rule not in reasons]
+    assert not unexplained, f"ruff ignores without a `# reason` on their line: {unexplained}"
