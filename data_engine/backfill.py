@@ -18,22 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from data_engine import dataflow
 from data_engine import quarantine as qu
 from data_engine import store as st
-from data_engine.dataflow import (
-    VIDEO_END,
-    CurateSummary,
-    clip_failures,
-    clip_flow_row,
-    clips_schema,
-    flow_schema,
-    flow_table,
-    plan_resources,
-    run_table_stages,
-    stage_dataset,
-    start_task,
-    write_dsg_claims,
-)
 from data_engine.scan import ClipResult, run_task_stages, sample_known_clips
 from data_engine.schema import (
     CLIP_CORE_SCHEMA,
@@ -106,7 +93,7 @@ def sample_videos(
     """Ray task: known clips of one video -> flow rows with their frames and task-stage scores.
     A video that no longer decodes records the error on each of its clips."""
     cpus = cfg.resources.cpus_per_task
-    stages = start_task(cfg, task_stages)
+    stages = dataflow.start_task(cfg, task_stages)
     for info_json, clips_json in zip(
         batch.column("info").to_pylist(), batch.column("clips").to_pylist()
     ):
@@ -117,7 +104,7 @@ def sample_videos(
             for index, frames in sample_known_clips(info, clips, cfg, cpus):
                 clip = ClipResult(dict(clips[index]), frames)
                 run_task_stages(stages, clip)
-                rows.append(clip_flow_row(clip, ship_frames))
+                rows.append(dataflow.clip_flow_row(clip, ship_frames))
                 done.add(index)
         except (VideoError, ValueError, OSError) as err:
             message = f"{getattr(err, 'stage', 'sample')}: {getattr(err, 'message', err)}"
@@ -125,8 +112,8 @@ def sample_videos(
             for index, clip in enumerate(clips):
                 if index not in done:
                     failed = ClipResult(dict(clip), None, [["sample", kind, message]])
-                    rows.append(clip_flow_row(failed, False))
-        yield flow_table(rows, schema)
+                    rows.append(dataflow.clip_flow_row(failed, False))
+        yield dataflow.flow_table(rows, schema)
 
 
 def _merge(db: st.Database, updates: list[pa.Table], target: pa.Schema) -> None:
@@ -140,11 +127,11 @@ def run_backfill(
     db: st.Database,
     cfg: Any,
     address: str | None,
-    summary: CurateSummary,
+    summary: dataflow.CurateSummary,
     started: float,
     verbose: bool = False,
     show_progress: bool = True,
-) -> CurateSummary:
+) -> dataflow.CurateSummary:
     """Run the listed scoring stages on existing clips that lack them; merge the columns."""
     if not db.has_table(st.CLIPS):
         raise st.StoreError(
@@ -162,7 +149,7 @@ def run_backfill(
             raise st.StoreError(why)
         summary.notes.append(why)
     if stages:
-        schema = clips_schema(db, cfg, stages)  # adds the new columns (null) to the table
+        schema = dataflow.clips_schema(db, cfg, stages)  # adds the new columns (null) to the table
         dsg = any("caption" in s.reads for s in stages)
         if dsg and "caption" not in schema.names and not any(s.name == "caption" for s in stages):
             raise st.StoreError("--stages dsg: the clips have no captions (run --stages caption)")
@@ -176,7 +163,7 @@ def run_backfill(
         if todo.num_rows:
             connect_ray(address, verbose)
             _backfill(db, cfg, stages, schema, todo, attempts, summary)
-    run_table_stages(db, cfg, selected)
+    dataflow.run_table_stages(db, cfg, selected)
     db.ensure_indexes(st.CLIPS)
     summary.wall_seconds = time.monotonic() - started
     return summary
@@ -189,15 +176,15 @@ def _backfill(
     schema: pa.Schema,
     todo: pa.Table,
     attempts: dict[str, int],
-    summary: CurateSummary,
+    summary: dataflow.CurateSummary,
 ) -> None:
     import ray.data
 
     task_stages = [s for s in stages if s.runs_on == "task"]
     actor_stages = [s for s in stages if s.runs_on == "actor"]
     ship_frames = any("frames" in s.reads for s in actor_stages)
-    flow = flow_schema(cfg, stages)
-    cfg, plan = plan_resources(cfg, actor_stages)
+    flow = dataflow.flow_schema(cfg, stages)
+    cfg, plan = dataflow.plan_resources(cfg, actor_stages)
     # Columns a stage reads from the table (dsg's caption) travel with the clip rows.
     carried = [f for f in schema if f.name in todo.column_names and f.name not in flow.names]
     flow = pa.schema([*flow, *carried])
@@ -215,7 +202,7 @@ def _backfill(
         },
         num_cpus=cfg.resources.cpus_per_task,
     )
-    ds = stage_dataset(ds, cfg, actor_stages, plan)
+    ds = dataflow.stage_dataset(ds, cfg, actor_stages, plan)
     produced = {f.name for s in stages for f in s.output_schema(cfg)}
     target = pa.schema(
         [schema.field("clip_id")]
@@ -226,10 +213,10 @@ def _backfill(
     failures: list[qu.Failure] = []
     succeeded: list[str] = []  # earlier failures that now scored: they leave quarantine
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        block = block.filter(pa.compute.is_null(block.column(VIDEO_END)))
+        block = block.filter(pa.compute.is_null(block.column(dataflow.VIDEO_END)))
         if not block.num_rows:
             continue
-        block_failures = clip_failures(block)
+        block_failures = dataflow.clip_failures(block)
         failures += block_failures
         failed = {f.key for f in block_failures}
         succeeded += [
@@ -241,7 +228,7 @@ def _backfill(
             if key in attempts and key not in failed
         ]
         if any(s.name == "dsg" for s in stages):
-            write_dsg_claims(db, block)
+            dataflow.write_dsg_claims(db, block)
         pending.append(block)
         pending_rows += block.num_rows
         summary.clips += block.num_rows

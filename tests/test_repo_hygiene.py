@@ -331,7 +331,10 @@ def layer_problem(imp: Import) -> str | None:
         return None
     where = f"{our_modules()[imp.source]}:{imp.line}: {imp.source} imports {imp.target}"
     if target in FREE:
-        return f"{where}: library code may not import {target}/ (demos, tests and benchmarks sit above every library)"
+        return (
+            f"{where}: library code may not import {target}/ (demos, tests and benchmarks sit "
+            "above every library)"
+        )
     if source in SELF_CONTAINED:
         return f"{where}: {source}/ imports nothing of ours"
     if LAYERS.index(target) > LAYERS.index(source):
