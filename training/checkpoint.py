@@ -1,6 +1,7 @@
 """Checkpoint layout, discovery and EMA loading (for `init_from`, `stiv generate`, `stiv export`).
 
-A checkpoint is one directory that every Ray Train worker reports (LESSONS.md, Ray):
+A checkpoint is one directory that every Ray Train worker reports
+(docs/design-notes.md "Checkpoints"):
     ds/state/...               DeepSpeed shards: model states (rank 0), each rank's optimizer
                                partition (ZeRO) and the LR scheduler
     ema.safetensors            fp32 EMA weights, complete (ZeRO <= 2 keeps full parameters on

@@ -1,7 +1,7 @@
 """Training data: a deterministic, resumable, bucket-per-batch feed from the latents table.
 
-Ray Data has no bucket batching and no resumable iterator (LESSONS.md, Ray), so both are built
-here from *pre-batched rows*:
+Ray Data has no bucket batching and no resumable iterator (docs/design-notes.md
+"Training input: buckets and resume are ours"), so both are built here from *pre-batched rows*:
 - `plan_epoch` (pure numpy, deterministic in (seed, epoch)) shuffles each bucket's row offsets,
   cuts them into global batches of `batch_size(bucket) * world_size`, drops each bucket's
   remainder, and interleaves the batches of all buckets in a seeded order. Step s of the epoch

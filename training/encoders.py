@@ -3,13 +3,13 @@
 Three latent encoders share one interface (`encode`: uint8 RGB frames -> latents, `decode`: the
 inverse, to pixels in [-1, 1]):
 - `VAEEncoder`: a diffusers `AutoencoderKL` from a local directory (STIV's baseline is
-  `sd-vae-ft-ema`, 4 channels, 8x down, scaling 0.18215; STIV-RECIPE.md, Model), applied per
-  frame (the paper's VAE is per-frame).
+  `sd-vae-ft-ema`, 4 channels, 8x down, scaling 0.18215; docs/recipe.md "Latents and text"),
+  applied per frame (the paper's VAE is per-frame).
 - `PixelEncoder`: parameter-free space-to-depth, so CPU runs can learn without pretrained weights.
 
 `TextEncoder` wraps a CLIP text model from a local directory (transformers `CLIPTextModel` +
 `CLIPTokenizer`) and returns token embeddings, the padding mask and the pooled embedding, which
-is the last non-padding (EOS) token of the last layer (STIV-RECIPE.md, singleton condition).
+is the last non-padding (EOS) token of the last layer (docs/recipe.md "The singleton condition").
 Tiny random variants (`make_tiny_vae`, `make_tiny_text_encoder`) are saved to a directory and
 loaded back through the same `from_pretrained` path, so tests exercise the production loader.
 """
@@ -230,7 +230,8 @@ class TextEncoder:
         )
         tokens = out.last_hidden_state.float().cpu()
         # The pooled vector is the last real token (EOS), never a padding position
-        # (LESSONS.md, Training video DiTs); truncation keeps EOS as the last real token.
+        # (docs/design-notes.md "Text encoder: pooled text and the empty prompt"); truncation
+        # keeps EOS as the last real token.
         last = mask.sum(dim=1) - 1
         pooled = tokens[torch.arange(tokens.shape[0]), last]
         return TextEmbedding(tokens=tokens, mask=mask, pooled=pooled)

@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and EMA for STIV training (STIV-RECIPE.md, Training).
+"""Optimizer, learning-rate schedule and EMA for STIV training (docs/recipe.md "Training").
 
 AdaFactor: the paper trained with AdaFactor at beta1 = 0.9, beta2 = 0.999 and no weight decay.
 No library optimizer matches: `torch.optim.Adafactor` has no first moment and a decaying beta2,
@@ -13,7 +13,8 @@ and the paper does not say which variant it used. Our choice, documented here:
   the recipe's 2e-4 means what it says.
 
 Under DeepSpeed ZeRO-1/2 the optimizer only ever sees flat 1-D partitions, so the factoring
-cannot apply there (LESSONS.md): `optimizer_state_bytes` measures what each choice costs.
+cannot apply there (docs/design-notes.md "AdaFactor under ZeRO"): `optimizer_state_bytes`
+measures what each choice costs.
 Update clipping would then span a whole partition, whose size depends on the number of ranks,
 so the same run would take different steps on 1 and on 4 ranks. `attach_zero_partitions`
 tells the optimizer where each parameter lies in its partition; the RMS is then taken per
@@ -235,7 +236,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 class EMA:
     """fp32 exponential moving average of the weights (STIV: decay 0.9999).
 
-    Kept in fp32 even when training in bf16 (LESSONS.md). With `warmup`, the decay ramps as
+    Kept in fp32 even when training in bf16 (docs/design-notes.md "Precision"). With
+    `warmup`, the decay ramps as
     min(decay, (1 + step) / (10 + step)) so short CPU runs get a useful average; the paper-scale
     configs use the plain decay."""
 

@@ -1,6 +1,6 @@
 """`stiv prepare`: a snapshot's clips -> a latents table of fixed-shape training samples.
 
-Ray Data end to end (ARCHITECTURE.md, data flow):
+Ray Data end to end (docs/architecture.md "Data flow"):
   snapshot rows (driver: bucket choice, resume filter)
   -> decode + crop      CPU tasks: frames at the stage's stride, cropped and resized to a bucket
   -> encode latents     actor pool: frozen VAE or pixel encoder, loaded once per actor
@@ -8,14 +8,14 @@ Ray Data end to end (ARCHITECTURE.md, data flow):
   -> lance_ray.write_lance (append)
 
 Each bucket is one (num_frames, height, width) shape, so a training batch drawn from one bucket
-stacks without padding (LESSONS.md, Ray: bucket batching is ours to build). Latents and text
-embeddings are stored as raw bytes plus a shape (LESSONS.md, Lance). The crop box in original
-pixels, the original size and the frame stride are kept as micro-conditions
-(`model.config.MICRO_COND_NAMES`; STIV-RECIPE.md, singleton condition).
+stacks without padding (docs/design-notes.md "Training input: buckets and resume are ours").
+Latents and text embeddings are stored as raw bytes plus a shape (docs/design-notes.md
+"Lance"). The crop box in original pixels, the original size and the frame stride are kept as
+micro-conditions (`model.config.MICRO_COND_NAMES`; docs/recipe.md "The singleton condition").
 
 A second table `<latents_table>_meta` (one row) records the encoders that produced the latents
-and the encoded empty prompt, which training uses for text dropout (STIV-RECIPE.md: the null
-text is the encoded empty string, not zeros).
+and the encoded empty prompt, which training uses for text dropout (docs/recipe.md
+"Condition dropout": the null text is the encoded empty string, not zeros).
 
 Resumable like curation: a rerun skips the clip_ids already in the latents table; a clip that
 cannot be decoded becomes a `quarantine` row (key `video_id/clip_id/prepare`, through
@@ -146,7 +146,9 @@ class PrepareConfig:
     # actors, from ray.cluster_resources() at the start, so decoding scales with the cluster).
     decode_concurrency: int = 0
     max_attempts: int = 3  # tries per clip before prepare stops retrying a quarantined clip
-    clips_per_task: int = 16  # clips of one video decoded together (bounded, LESSONS.md)
+    # clips of one video decoded together (bounded: docs/design-notes.md "Bounded tasks and
+    # pre-sized pools")
+    clips_per_task: int = 16
     decode_timeout_s: float = 600.0  # time budget for decoding one task's video
 
     def __post_init__(self) -> None:
@@ -715,7 +717,7 @@ def run_prepare(
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(
                     size=cfg.num_encoder_actors
-                ),  # pre-sized (LESSONS.md)
+                ),  # pre-sized (docs/design-notes.md "Bounded tasks and pre-sized pools")
                 num_cpus=cfg.encoder_num_cpus,
                 num_gpus=1 if cfg.encoder.device == "cuda" else 0,
             )

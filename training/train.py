@@ -6,11 +6,11 @@ a `TorchTrainer`. Each worker (`train_worker`) builds the model, initialises it 
 run's EMA weights (`init_from`), wraps it in DeepSpeed, and steps through its deterministic
 bucket-per-batch feed (`training.data`), logging and checkpointing through Ray Train.
 
-Numbers (STIV-RECIPE.md, Training): AdaFactor beta1 0.9 / beta2 0.999 without weight decay,
+Numbers (docs/recipe.md "Training"): AdaFactor beta1 0.9 / beta2 0.999 without weight decay,
 gradient clipping 1.0, constant LR 2e-4 after 1k linear warm-up steps, fp32 EMA 0.9999.
 Precision: fp32 on the CPU (gloo; fp16 is unavailable there), bf16 autocast over fp32 weights on
 GPUs, so the fp32 master weights are the parameters themselves and are what checkpoints hold
-(LESSONS.md: rebuilding masters from bf16 caused loss surges).
+(docs/design-notes.md "Checkpoints": rebuilding masters from bf16 caused loss surges).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class ModelSection:
 
 @dataclass
 class InitFromSection:
-    """Where this stage's weights start (STIV-RECIPE.md, progressive recipe)."""
+    """Where this stage's weights start (docs/recipe.md "Progressive recipe")."""
 
     run_dir: str = ""  # parent run whose latest EMA weights start this one ("" = from scratch)
     mode: Literal["none", "plain", "t2v_from_t2i", "both"] = "none"  # plain: same shapes;
@@ -88,7 +88,7 @@ class InitFromSection:
 
 @dataclass
 class OptimizerSection:
-    """Optimizer and schedule (STIV-RECIPE.md, Training)."""
+    """Optimizer and schedule (docs/recipe.md "Training")."""
 
     name: Literal["adafactor", "adamw"] = "adafactor"  # see training/optim.py for the variant
     lr: float = 2e-4  # peak learning rate
@@ -112,7 +112,7 @@ class OptimizerSection:
 
 @dataclass
 class ObjectiveSection:
-    """Flow matching and conditioning (STIV-RECIPE.md, Objective)."""
+    """Flow matching and conditioning (docs/recipe.md "Flow matching")."""
 
     timestep_sampler: Literal["uniform", "logit_normal"] = "logit_normal"  # t distribution
     text_dropout: float = 0.1  # probability of the encoded empty prompt
@@ -174,7 +174,8 @@ class DataSection:
 
 @dataclass
 class ScalingSection:
-    """Workers, sized from the cluster's resources so data tasks keep CPUs (ENV-NOTES.md)."""
+    """Workers, sized from the cluster's resources so data tasks keep CPUs
+    (docs/design-notes.md "The 2-core trap")."""
 
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: GPUs when the cluster has them
     num_workers: int = 0  # data-parallel ranks (0 = one per GPU, or per spare CPU)
@@ -306,7 +307,8 @@ def read_latents_meta(db_uri: str, latents_table: str) -> dict[str, Any]:
 
 def resolve_model_config(cfg: TrainConfig, meta: dict[str, Any]):
     """Preset + overrides, with the encoder dims from the latents table and, when growing from
-    a parent run, the parent's RoPE base sizes (positions interpolate: STIV-RECIPE.md)."""
+    a parent run, the parent's RoPE base sizes (positions interpolate: docs/recipe.md
+    "RoPE and its interpolation")."""
     from model.config import get_preset
     from model.init import inherit_rope_base
     from training.checkpoint import load_ema_state
@@ -401,8 +403,8 @@ def bucket_batch_sizes(
 
 def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dict[str, Any]:
     """Workers from cluster resources. On CPU the workers share what is left after `data_cpus`,
-    so Ray Data tasks can always be scheduled (ENV-NOTES.md: 2 workers at 1 CPU each on a
-    2-core machine deadlock)."""
+    so Ray Data tasks can always be scheduled (docs/design-notes.md "The 2-core trap": 2
+    workers at 1 CPU each on a 2-core machine deadlock)."""
     cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     use_gpu = scaling.device == "gpu" or (scaling.device == "auto" and gpus >= 1)
     if scaling.device == "gpu" and gpus < 1:
@@ -422,9 +424,9 @@ def resolve_scaling(scaling: ScalingSection, resources: dict[str, float]) -> dic
 
 
 def initialise_from(model, init_from: InitFromSection) -> None:
-    """Load the weights a stage starts from into `model`, in place (STIV-RECIPE.md, progressive
-    recipe): the parent's EMA weights as they are (plain), T2I -> T2V inflation (all but
-    temporal attention; temporal gates at zero), or the "both" merge. Each worker reads the
+    """Load the weights a stage starts from into `model`, in place (docs/recipe.md
+    "Progressive recipe"): the parent's EMA weights as they are (plain), T2I -> T2V inflation
+    (all but temporal attention; temporal gates at zero), or the "both" merge. Each worker reads the
     parent run from shared storage, so multi-GB states never travel through Ray's object store.
     """
     from model.init import init_both, init_video_from_image
@@ -588,7 +590,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         "train_batch_size": loop_config["micro_batch"] * world,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": {"stage": cfg.scaling.zero_stage},
-        # A client optimizer (AdaFactor) under ZeRO needs this (LESSONS.md).
+        # A client optimizer (AdaFactor) under ZeRO needs this (docs/design-notes.md
+        # "AdaFactor under ZeRO").
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
