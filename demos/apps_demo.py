@@ -11,7 +11,7 @@
 The last line printed is one JSON object with exactly the issue's keys; the line before it
 holds the details (baselines, call counts, the T2V direction before upsampling).
 
-    python -m demos.apps_demo [--root runs/demo] [--steps-scale 1.0] [--seeds-per-prompt 2]
+    python -m demos.apps_demo [--root runs/demo] [--steps-scale 1.0] [--seeds-per-prompt 4]
 
 Held out: the train-demo's 8 (colour, shape, direction) combinations never appear in the apps
 training videos either, every clip is a new render (new seeds), and the multi-view objects are
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="train-demo stages' steps when the TI2V run is missing")  # fmt: skip
     parser.add_argument("--videos-per-combo", type=int, default=6)
     parser.add_argument("--multiview-objects", type=int, default=MULTIVIEW_TRAIN)
-    parser.add_argument("--seeds-per-prompt", type=int, default=2)
+    parser.add_argument("--seeds-per-prompt", type=int, default=4)
     parser.add_argument("--sampling-steps", type=int, default=25)
     parser.add_argument("--batch-size", type=int, help="per-rank batch for every apps stage")
     parser.add_argument("--figures", default="docs", help="where the PNG strips go")

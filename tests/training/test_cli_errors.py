@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 STIV = [sys.executable, "-m", "stiv.cli"]
@@ -41,6 +42,12 @@ def _cases(run: dict[str, Path], tmp: Path) -> dict[str, list[str]]:
         "generate: odd frame count": [*generate, "--frames", "7", "--height", "16", "--width", "16"],
         "generate: odd size": [*generate, "--frames", "4", "--height", "18", "--width", "16"],
         "generate: missing run": ["generate", "--checkpoint", str(tmp / "none"), "--prompt", "x"],
+        "generate: mode without its input": [*generate, "--mode", "multiview"],
+        "generate: long with an odd fill window": [*generate, "--mode", "long",
+                                                   "--keyframe-stride", "4"],
+        **({} if torch.cuda.is_available() else
+           {"generate: cuda without a GPU": [*generate, "--device", "cuda", "--frames", "4",
+                                             "--height", "16", "--width", "16"]}),
         "train --dry-run: bad --bucket": ["train", "--config", "pipelines/train-t2v-xl-256.yaml",
                                           "--dry-run", "--bucket", "20x256"],
         "tiny-models: --out is a file": ["tiny-models", "--out", str(run["root"] / "prepare.yaml")],
