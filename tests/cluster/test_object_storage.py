@@ -158,6 +158,7 @@ def test_curate_query_snapshot_on_s3(s3_env: dict) -> None:
     assert _db(env).count("clips") == 4, "a rerun must not duplicate clips"
 
 
+@pytest.mark.slow
 def test_unreachable_bucket_fails_with_one_line(s3_env: dict) -> None:
     """A database in a bucket that does not exist must fail fast with exit code 2 and one
     clear line on stderr (CLI contract), not a traceback."""
@@ -167,6 +168,7 @@ def test_unreachable_bucket_fails_with_one_line(s3_env: dict) -> None:
     assert "no-such-bucket" in result.stderr
 
 
+@pytest.mark.slow
 def test_an_s3_prefix_is_listed_like_a_directory(s3_env: dict) -> None:
     """`stiv curate s3://bucket/prefix/` curates every video under the prefix (it used to be
     taken as one video named after the prefix and curate nothing)."""

@@ -163,6 +163,7 @@ def test_backfill_of_probe_or_split_says_why(ray_session, videos: Path, tmp_path
         run_curate([], db_uri, _config("split"), show_progress=False)
 
 
+@pytest.mark.slow
 def test_a_slow_video_does_not_delay_the_commit_of_the_others(
     ray_session, videos: Path, tmp_path: Path
 ) -> None:

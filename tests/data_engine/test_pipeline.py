@@ -103,6 +103,7 @@ def test_rerun_does_no_work_and_never_duplicates(
     assert attempts == {2}
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_the_uninterrupted_rows(
     ray_session, tmp_path: Path
 ) -> None:
@@ -170,6 +171,7 @@ def _stiv(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*STIV, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_config_filter_and_stage_before_work(
     video_dir: Path, tmp_path: Path
 ) -> None:

@@ -47,6 +47,7 @@ def videos(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_model_stages_write_scores_with_provenance(
     ray_session, tiny_clip, videos, tmp_path
 ) -> None:
@@ -97,6 +98,7 @@ def test_backfill_adds_a_score_without_touching_other_columns(
     assert again.clips == 0, "clips that already have the score are not redone"
 
 
+@pytest.mark.slow
 def test_dedup_flags_the_later_copy_and_text_search_ranks(
     ray_session, tiny_clip, videos, tmp_path
 ) -> None:

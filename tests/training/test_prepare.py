@@ -38,6 +38,7 @@ decode_num_cpus: 0.5
 """
 
 
+@pytest.mark.slow
 def test_prepare_pixel_video_buckets_micro_cond_and_resume(
     tmp_path, clips_db, tiny_encoders, ray_cluster
 ):
@@ -89,6 +90,7 @@ def test_prepare_pixel_video_buckets_micro_cond_and_resume(
     assert db.table("latents_video").count_rows() == 3
 
 
+@pytest.mark.slow
 def test_prepare_tiny_vae_images(tmp_path, clips_db, tiny_encoders, ray_cluster):
     """T2I data from single clip frames through the tiny AutoencoderKL loaded with
     from_pretrained: latent shape (4, 1, H/2, W/2), stride micro-condition 0 for images."""
@@ -108,6 +110,7 @@ def test_prepare_tiny_vae_images(tmp_path, clips_db, tiny_encoders, ray_cluster)
     assert np.isfinite(np.frombuffer(row["latents"], np.float32)).all()
 
 
+@pytest.mark.slow
 def test_prepare_image_directory(tmp_path, clips_db, tiny_encoders, ray_cluster):
     """T2I rows from an image directory: captions from same-stem .txt files, images without a
     caption skipped, crop/original size recorded from the image itself."""
@@ -215,6 +218,7 @@ def test_tiny_text_encoder_words_become_single_tokens(tmp_path):
     assert direction_change > 0.5 * colour_change
 
 
+@pytest.mark.slow
 def test_prepare_quarantine_upserts_counts_attempts_and_stops(tmp_path, tiny_encoders, ray_cluster):
     """A clip that keeps failing keeps ONE quarantine row (key video_id/clip_id/prepare) whose
     attempts count up on each rerun, and after `max_attempts` it is no longer tried; the good

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 
+import pytest
 import torch
 
 from data_engine.store import Database
@@ -13,6 +14,7 @@ from training.checkpoint import NULL_TEXT_FILE, latest_checkpoint
 from training.validation import EvalSection, Validator
 
 
+@pytest.mark.slow
 def test_validation_writes_samples_and_frees_its_memory(relative_run, tmp_path):
     """Ten validations of the same EMA weights: each writes one MP4 + PNG strip per prompt and
     a TensorBoard image; the process's memory peak after the tenth equals the peak after the
