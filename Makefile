@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_data
 
-.PHONY: setup demo train-demo test lint format bench clean
+.PHONY: setup demo train-demo apps-demo test test-fast lint typecheck format bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,14 +38,30 @@ demo: setup
 # TI2V with Ray Train + DeepSpeed on the CPU -> generate from held-out prompts and measure.
 # The last line printed is one JSON object with the accuracies.
 train-demo: setup
-	$(BIN)/python -m training.demo --root runs/demo --fresh
+	$(BIN)/python -m demos.train_demo --root runs/demo --fresh
+
+# STIV's applications (docs/applications.md), at most 45 CPU minutes beyond train-demo: V2V,
+# TUP, long video (keyframes + fill), multi-view and one all-tasks model, each from the
+# train-demo's TI2V run (trained first when runs/demo has none), measured on held-out prompts
+# and objects. The last line printed is one JSON object with the issue's keys.
+apps-demo: setup
+	$(BIN)/python -m demos.apps_demo --root runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Everything but the tests marked `slow` (each over ~20 s: real training, clusters, browsers):
+# under 6 minutes on 2 cores, for the edit-test loop. CI runs `make test`, every test.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# mypy on the pure-torch model and the table layouts (configured in pyproject.toml).
+typecheck: setup
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from training.demo import GEN_SIZE, held_out_combos, training_specs
+from demos.train_demo import GEN_SIZE, held_out_combos, training_specs
 from training.shapes import ShapeSpec
 
 VIDEO_SIZE = 64  # rendered and curated videos (px); prepare resizes to the 32 px buckets
@@ -102,8 +102,8 @@ def build_apps_data(root: Path, videos_per_combo: int, multiview_objects: int) -
 def ensure_base(root: Path, base_steps_scale: float, videos_per_combo: int) -> float:
     """The train-demo's T2I -> T2V -> TI2V runs the apps start from; trained (without the
     train-demo's evaluation) when `root/runs/ti2v` has no checkpoint. Returns minutes spent."""
+    from demos.train_demo import build_data, train_stages
     from training.checkpoint import list_checkpoints
-    from training.demo import build_data, train_stages
 
     if list_checkpoints(root / "runs" / "ti2v"):
         return 0.0

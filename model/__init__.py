@@ -1,6 +1,6 @@
 """STIV model: pure torch (+ einops). No Ray, no files, no network.
 
-Where each STIV-RECIPE.md item lives:
+Where each item of the recipe (docs/recipe.md "Presets" onwards) lives:
 
 - config.py    STIVConfig (validated, to_dict/from_dict), presets stiv-xl / stiv-xxl / stiv-m
                (Table 1) + stiv-tiny / stiv-tiny-cpu / stiv-bench-cpu, MICRO_COND_NAMES.

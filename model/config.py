@@ -59,23 +59,23 @@ class STIVConfig:
     max_text_tokens: int = 77
     mask_ratio: float = 0.0  # MaskDiT ratio used by training helpers; 0.0 = unmasked
     num_extra_unmasked_blocks: int = 2  # MaskDiT "decoder": extra blocks on all tokens
-    predict_clean: bool = False  # network predicts x1, converted to velocity (LESSONS.md)
+    predict_clean: bool = False  # network predicts x1, converted to velocity (docs/design-notes.md "A tiny video DiT on 2 CPU cores")
     grad_checkpointing: bool = False  # keep only self-attention outputs (STIV sec. 2.2)
     temporal_attention: bool = True  # False: no temporal parameters at all (pure T2I model)
     # Initial value of the per-channel temporal gates. The recipe's 0.0 makes a fresh temporal
     # branch a no-op (T2V starts as its T2I parent). Tiny CPU runs use 1.0: with a zero gate the
     # branch gets no gradient until the gate grows, and in a few thousand steps it never did
-    # (LESSONS.md, "Measured here"; README train-demo section).
+    # (docs/design-notes.md "Growing T2I into T2V"; docs/train-demo.md "What made direction learnable").
     temporal_gate_init: float = 0.0
     # Also add fixed 3D sin-cos absolute positions (time, row, column) to the patch tokens, as
     # DiT did before RoPE. RoPE alone is relative: from pure noise the network cannot place the
     # prompted motion's start and end in the frame, and the tiny CPU model never learned
-    # direction without them (README, train-demo). Off for the paper presets (RoPE only).
+    # direction without them (docs/train-demo.md "What made direction learnable"). Off for the paper presets (RoPE only).
     abs_pos_embed: bool = False
     # Feed the pooled text vector into the singleton condition (AdaLN), as STIV does. Off for the
     # tiny CPU preset: its text encoder is random, so the pooled vector is a hash of the whole
     # caption and a held-out caption gets an unseen one; the tiny model leant on it for colour and
-    # direction and lost the given frame's colour on held-out TI2V prompts (README, train-demo).
+    # direction and lost the given frame's colour on held-out TI2V prompts (docs/train-demo.md "What made TI2V keep the given colour").
     # Without it the text reaches the network only through cross-attention over the tokens.
     text_pooled: bool = True
     rope_base_grid: tuple[int, int] = (16, 16)  # tokens: 256 px / 8 (VAE) / 2 (patch)
@@ -217,7 +217,7 @@ PRESETS: dict[str, STIVConfig] = {
         frequency_embedding_size=32,
         name="stiv-tiny",
     ),
-    # CPU training demos (LESSONS.md "Measured here"): pixel-space latents such as 32x32 RGB
+    # CPU training demos (docs/design-notes.md "A tiny video DiT on 2 CPU cores"): pixel-space latents such as 32x32 RGB
     # with 4x4 space-to-depth = 12 channels at 8x8; predict the clean sample.
     "stiv-tiny-cpu": STIVConfig(
         num_blocks=6,
@@ -228,7 +228,7 @@ PRESETS: dict[str, STIVConfig] = {
         max_text_tokens=16,
         num_extra_unmasked_blocks=2,
         predict_clean=True,
-        abs_pos_embed=True,  # without it direction stayed at chance (README, train-demo)
+        abs_pos_embed=True,  # without it direction stayed at chance (docs/train-demo.md "What made direction learnable")
         text_pooled=False,  # a random text encoder's pooled vector does not compose (above)
         rope_base_grid=(4, 4),
         rope_base_frames=4,

@@ -1,6 +1,6 @@
 """Flow matching objective, frame replacement, condition dropout and MaskDiT token masks.
 
-Conventions (fixed once, tested in tests/model/test_flow.py):
+Conventions (fixed once, tested in tests/model/test_model_flow.py):
 - t in [0, 1]; t = 0 is pure noise, t = 1 is data.
 - x_t = t * x1 + (1 - t) * eps; the velocity target is v = dx_t/dt = x1 - eps.
 - The loss is the mean squared error between the model's velocity (after the clean-sample

@@ -6,7 +6,7 @@
   temporal sub-positions. A video made of one repeated image therefore gets, in every temporal
   token, exactly the T2I token, and every output frame equals the T2I output. The temporal
   branch keeps the video model's fresh weights and its per-channel gates are set to exactly zero
-  (LESSONS.md: a zero output projection would not survive the stateless post-norm).
+  (docs/design-notes.md "Growing T2I into T2V": a zero output projection would not survive the stateless post-norm).
 - `init_both(video, spatial_sd, temporal_sd)`: everything but temporal attention from
   `spatial_sd` (e.g. the high-resolution T2I model; inflated if it is an image model), temporal
   attention from `temporal_sd` (e.g. the low-resolution T2V model).

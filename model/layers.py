@@ -80,7 +80,7 @@ def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     hidden (B, L, D), mask (B, L) bool with True = real token (any padding side). A row with no
     real token falls back to position 0. This is what `text_pooled` should be for a causal text
-    encoder (never a padding position, LESSONS.md)."""
+    encoder (never a padding position; docs/design-notes.md "Text encoder: pooled text and the empty prompt")."""
     m = mask.bool()
     pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
     last = torch.where(m, pos, torch.zeros_like(pos)).amax(dim=1)

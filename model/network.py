@@ -13,7 +13,7 @@ Design choices where the paper is silent (ours, documented here):
 - Cross-attention uses the same sandwich norm `x + norm(CrossAttn(norm(x), text))` with no
   modulation and no gate (PixArt has no modulation there either).
 - Temporal attention: `x + g * norm(Attn(norm(x)))` with a learned per-channel gate `g`
-  initialised to zero (LESSONS.md: a zero output projection is not enough under a stateless
+  initialised to zero (docs/design-notes.md "Growing T2I into T2V": a zero output projection is not enough under a stateless
   post-norm). It is skipped when there is a single temporal token (an image): attention over one
   token would only be an extra per-token linear map, which a T2I model must not learn if its
   weights are to be reused by the video model with a fresh temporal branch.
@@ -202,7 +202,7 @@ class FinalLayer(nn.Module):
 
 # ---------------------------------------------------------------------------- checkpointing
 
-_SDPA_OPS = {
+SDPA_OPS = {
     getattr(torch.ops.aten, name).default
     for name in (
         "_scaled_dot_product_flash_attention",
@@ -226,16 +226,16 @@ def _is_masked_sdpa(op, args, kwargs) -> bool:
     )
 
 
-def _keep_self_attention_policy(ctx, op, *args, **kwargs):
+def keep_self_attention_policy(ctx, op, *args, **kwargs):
     """Selective activation checkpointing: save the outputs of the self-attention kernels
     (the only SDPA calls without a mask, see `layers.Attention`), recompute everything else."""
-    if op in _SDPA_OPS and not _is_masked_sdpa(op, args, kwargs):
+    if op in SDPA_OPS and not _is_masked_sdpa(op, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _sac_context():
-    return create_selective_checkpoint_contexts(_keep_self_attention_policy)
+    return create_selective_checkpoint_contexts(keep_self_attention_policy)
 
 
 # ---------------------------------------------------------------------------- the network

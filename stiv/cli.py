@@ -1,4 +1,4 @@
-"""`stiv`: the one console script (CLI contract in shared/ARCHITECTURE.md).
+"""`stiv`: the one console script (docs/architecture.md "CLI contract").
 
 Exit codes: 0 when the job finished (even with quarantined inputs); 2 with one line on stderr
 when it could not run (bad config, bad filter, unreachable storage). Heavy modules are
@@ -245,20 +245,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from training.generate import GenerateRequest, run_generate
+def generate_request(args: argparse.Namespace):
+    """The `GenerateRequest` of parsed `stiv generate` flags. Flags left out stay None, so
+    every default is the dataclass's (one place)."""
+    import dataclasses
 
+    from training.generate import GenerateRequest
+
+    names = {f.name for f in dataclasses.fields(GenerateRequest)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     try:
-        request = GenerateRequest(
-            checkpoint=args.checkpoint, prompt=args.prompt, image=args.image,
-            last_image=args.last_image, video=args.video, given_frames=args.given_frames,
-            cfg_scale=args.cfg_scale, steps=args.steps, solver=args.solver, seed=args.seed,
-            shift=args.shift, frames=args.frames, height=args.height, width=args.width,
-            fps=args.fps, out=args.out,
-        )  # fmt: skip
+        return GenerateRequest(**given)
     except ValueError as err:
         raise CliError(str(err)) from None
-    print(json.dumps(run_generate(request)))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.generate import run_generate
+
+    print(json.dumps(run_generate(generate_request(args))))
     return 0
 
 
@@ -286,6 +291,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+DB_HELP = "database directory or URI (s3://...)"
+FORMAT_HELP = "table for people, json for one JSON object"
+ADDRESS_HELP = "Ray cluster address (default: $RAY_ADDRESS, else an embedded Ray)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stiv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,13 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs", nargs="*", metavar="INPUT", help="video file, directory or .txt manifest"
     )
-    p.add_argument("--db", required=True, help="database directory or URI (s3://...)")
+    p.add_argument("--db", required=True, help=DB_HELP)
     p.add_argument("--config", help="curation YAML (pipelines/curate*.yaml)")
     p.add_argument("--stages", help="comma-separated stages; without INPUT: backfill them")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or embedded)")
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--format", choices=("table", "json"), default="table", help="summary format")
     p.add_argument(
         "--verbose", action="store_true", help="also show Ray Data's per-operator logs and bars"
@@ -308,22 +318,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_curate)
 
     p = sub.add_parser("query", help="filter, sort and print rows of a table")
-    p.add_argument("--db", required=True)
-    p.add_argument("--table", default="clips")
+    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--table", default="clips", help="table to read (default: clips)")
     p.add_argument(
         "--where",
         help='one SQL boolean expression, e.g. "aesthetic_score > 5 AND motion_score BETWEEN 2 AND 20"',
     )
     p.add_argument("--columns", help="comma-separated columns")
-    p.add_argument("--order-by")
-    p.add_argument("--desc", action="store_true")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--order-by", help="sort by this column (ascending unless --desc)")
+    p.add_argument("--desc", action="store_true", help="sort --order-by descending")
+    p.add_argument("--limit", type=int, help="print at most N rows (with --order-by: the top N)")
     p.add_argument(
         "--text", help="rank clips by CLIP text-to-clip similarity (--order-by re-sorts them)"
     )
     p.add_argument("--snapshot", help="read a snapshot's pinned rows (its filter AND --where)")
     p.add_argument("--version", type=int, help="read this table version")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="table, one JSON array of row objects, or CSV",
+    )
     p.add_argument("--count", action="store_true", help="print the number of matching rows")
     p.add_argument(
         "--summary", action="store_true", help="print what --where keeps: clips, hours, share"
@@ -332,19 +347,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("snapshot", help="create, show or list snapshots pinned to table versions")
     ssub = p.add_subparsers(dest="snapshot_cmd", required=True)
-    c = ssub.add_parser("create")
-    c.add_argument("--db", required=True)
-    c.add_argument("--name", required=True)
-    c.add_argument("--where", default="")
-    c.add_argument("--table", default="clips")
-    c.add_argument("--format", choices=("table", "json"), default="table")
+    c = ssub.add_parser("create", help="pin the rows a filter selects now under a name")
+    c.add_argument("--db", required=True, help=DB_HELP)
+    c.add_argument("--name", required=True, help="snapshot name (what prepare --snapshot reads)")
+    c.add_argument("--where", default="", help="SQL filter of the rows kept (default: all)")
+    c.add_argument("--table", default="clips", help="table to snapshot (default: clips)")
+    c.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
     c = ssub.add_parser("show", help="filter, pinned version, rows and hours of one snapshot")
-    c.add_argument("name")
-    c.add_argument("--db", required=True)
-    c.add_argument("--format", choices=("table", "json"), default="table")
-    c = ssub.add_parser("list")
-    c.add_argument("--db", required=True)
-    c.add_argument("--format", choices=("table", "json"), default="table")
+    c.add_argument("name", help="snapshot name")
+    c.add_argument("--db", required=True, help=DB_HELP)
+    c.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
+    c = ssub.add_parser("list", help="every snapshot: name, table, version, rows, filter")
+    c.add_argument("--db", required=True, help=DB_HELP)
+    c.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("db", help="maintain the database")
@@ -353,23 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
         "optimize",
         help="compact tables, refresh indexes, drop old versions (never a snapshot's)",
     )
-    c.add_argument("--db", required=True)
-    c.add_argument("--format", choices=("table", "json"), default="table")
+    c.add_argument("--db", required=True, help=DB_HELP)
+    c.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser("model-info", help="parameter counts of a model preset")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--preset", required=True, help="model preset, e.g. stiv-xl, stiv-tiny-cpu")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
     p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("dsg-report", help="DSG-Video_i and DSG-Video_s over clips")
-    p.add_argument("--db", required=True)
-    p.add_argument("--where")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--where", help="SQL filter of the clips counted (default: all)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=FORMAT_HELP)
     p.set_defaults(func=cmd_dsg_report)
 
     p = sub.add_parser("report", help="write a self-contained HTML curation report")
-    p.add_argument("--db", required=True)
+    p.add_argument("--db", required=True, help=DB_HELP)
     chosen = p.add_mutually_exclusive_group()
     chosen.add_argument("--where", help="report on the clips this SQL filter selects")
     chosen.add_argument("--snapshot", help="report on a snapshot's rows at its pinned version")
@@ -380,17 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("prepare", help="encode a snapshot's clips into a latents table")
-    p.add_argument("--db", required=True)
-    p.add_argument("--snapshot", required=True)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address")
+    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--snapshot", required=True, help="snapshot whose clips are encoded")
+    p.add_argument("--config", required=True, help="prepare YAML (pipelines/prepare-*.yaml)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a STIV stage with Ray Train + DeepSpeed")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address")
+    p.add_argument("--config", required=True, help="stage YAML (pipelines/train-*.yaml)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
+    )
+    p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument(
         "--resume",
         nargs="?",
@@ -414,33 +433,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="T2V / TI2V / interpolation / prediction from a checkpoint")
+    p = sub.add_parser(
+        "generate", help="every STIV application (docs/applications.md) from a checkpoint"
+    )
+    # No defaults here: cmd_generate leaves out what is not given, and GenerateRequest
+    # (training/generate.py) holds every default.
     p.add_argument("--checkpoint", required=True, help="run directory or exported .safetensors")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--image", help="first frame (TI2V)")
-    p.add_argument("--last-image", help="last frame (interpolation, with --image)")
-    p.add_argument("--video", help="condition on this clip's first frames (prediction)")
+    p.add_argument("--prompt", required=True, help="the caption to generate from")
     p.add_argument(
-        "--given-frames", type=int, default=4, help="prediction: frames taken from --video"
+        "--mode",
+        choices=("t2v", "ti2v", "predict", "interpolate", "upsample", "long", "multiview"),
+        help="what to generate (default: from the inputs: t2v, ti2v, interpolate or predict)",
     )
     p.add_argument(
-        "--cfg-scale", type=float, default=7.5, help="JIT-CFG scale (1.0 = conditional only)"
+        "--image", help="first frame (ti2v, interpolate, long) or input view (multiview)"
     )
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--last-image", help="last frame (interpolate, with --image)")
+    p.add_argument("--video", help="predict: condition on its first frames; upsample: the input")
+    p.add_argument("--given-frames", type=int, help="predict: frames taken from --video (4)")
+    p.add_argument("--upsampler", help="a TUP run cascaded after the mode (doubles the frames)")
+    p.add_argument("--keyframes", type=int, help="long: keyframes generated first (--frames)")
+    p.add_argument(
+        "--keyframe-stride", type=int, help="long: frames between keyframes (--frames - 1)"
+    )
+    p.add_argument(
+        "--frame-stride", type=int, help="stride micro-condition (default: the run's task)"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where to sample (cpu)")
+    p.add_argument("--cfg-scale", type=float, help="JIT-CFG scale (7.5; 1.0 = conditional only)")
+    p.add_argument("--steps", type=int, help="sampling steps per call (50)")
+    p.add_argument("--solver", choices=("euler", "heun"), help="ODE solver (euler)")
+    p.add_argument("--seed", type=int, help="initial noise seed (0)")
     p.add_argument(
         "--shift",
         type=float,
         help="time-grid shift towards noise (default: the model's training timestep_shift)",
     )
-    p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--height", type=int, default=32)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument(
-        "--out", default="generated.mp4", help="MP4 path; a PNG strip is written beside it"
-    )
+    p.add_argument("--frames", type=int, help="frames per sampling window (8)")
+    p.add_argument("--height", type=int, help="pixels (32)")
+    p.add_argument("--width", type=int, help="pixels (32)")
+    p.add_argument("--fps", type=int, help="of the MP4 (8)")
+    p.add_argument("--out", help="MP4 path (generated.mp4); a PNG strip is written beside it")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

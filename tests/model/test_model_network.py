@@ -189,15 +189,15 @@ def test_grad_checkpointing_matches_and_keeps_only_self_attention(monkeypatch):
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5)
 
     decisions = []
-    orig = network._keep_self_attention_policy
+    orig = network.keep_self_attention_policy
 
     def spy(ctx, op, *args, **kwargs):
         d = orig(ctx, op, *args, **kwargs)
         if not ctx.is_recompute:
-            decisions.append((op in network._SDPA_OPS, d))
+            decisions.append((op in network.SDPA_OPS, d))
         return d
 
-    monkeypatch.setattr(network, "_keep_self_attention_policy", spy)
+    monkeypatch.setattr(network, "keep_self_attention_policy", spy)
     m = make_model(grad_checkpointing=True).train()
     m(x, t, *cond).sum().backward()
     saved = [d for d in decisions if d[1] == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from demos import apps_demo, multiview
+from demos.train_demo import held_out_combos, training_specs
 from training.checkpoint import list_checkpoints
-from training.demo import held_out_combos, training_specs
 
 
 def test_held_out_clips_are_unseen_combinations_at_the_generation_size() -> None:

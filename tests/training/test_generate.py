@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from training.demo import main as train_demo
+from demos.train_demo import main as train_demo
 from training.generate import Generator
 
 STIV = [sys.executable, "-m", "stiv.cli"]

@@ -10,7 +10,7 @@
 
 The last line printed is one JSON object with the figures (accuracies as fractions).
 
-    python -m training.demo [--root runs/demo] [--steps-scale 1.0] [--videos-per-combo 6]
+    python -m demos.train_demo [--root runs/demo] [--steps-scale 1.0] [--videos-per-combo 6]
 
 Held-out: 8 of the 48 (colour, shape, direction) combinations never appear in training, so
 the prompts measured were never seen verbatim (each colour and direction was, in other
