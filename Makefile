@@ -55,11 +55,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Lint includes mypy on the pure-torch model and the table layouts (configured in pyproject.toml).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
-# mypy on the pure-torch model and the table layouts (configured in pyproject.toml).
 typecheck: setup
 	$(BIN)/mypy
 

@@ -110,7 +110,7 @@ class ScalarEmbedder(nn.Module):
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, hidden)
         emb = sinusoidal_embedding(values * self.scale, self.freq_dim).flatten(1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(next(self.mlp.parameters()).dtype))
 
 
 # ---------------------------------------------------------------------------- RoPE

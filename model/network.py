@@ -28,7 +28,9 @@ Design choices where the paper is silent (ours, documented here):
 
 from __future__ import annotations
 
-from functools import partial
+import operator
+from collections.abc import Iterator
+from functools import partial, reduce
 
 import torch
 from einops import rearrange
@@ -118,11 +120,21 @@ class ConditionEmbedder(nn.Module):
             self.frame_stride(micro[:, 6:7]),
         ]
         if self.text_pooled is not None:
-            parts.append(self.text_pooled(pooled.to(self.text_pooled[0].weight.dtype)))
-        return sum(stateless_layer_norm(p, self.eps) for p in parts)
+            parts.append(self.text_pooled(pooled.to(next(self.text_pooled.parameters()).dtype)))
+        return reduce(operator.add, (stateless_layer_norm(p, self.eps) for p in parts))
 
 
 # ---------------------------------------------------------------------------- the block
+
+
+class TemporalAttention(nn.Module):
+    """The temporal branch's attention and its per-channel gate (state-dict keys
+    `temporal.attn.*`, `temporal.gate`)."""
+
+    def __init__(self, d: int, num_heads: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.attn = Attention(d, num_heads, qk_norm)
+        self.gate = nn.Parameter(torch.zeros(d))
 
 
 class STIVBlock(nn.Module):
@@ -141,9 +153,7 @@ class STIVBlock(nn.Module):
         self.spatial_attn = Attention(d, cfg.num_heads, cfg.qk_norm)
         self.has_temporal = cfg.temporal_attention
         if cfg.temporal_attention:
-            self.temporal = nn.Module()
-            self.temporal.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
-            self.temporal.gate = nn.Parameter(torch.zeros(d))
+            self.temporal = TemporalAttention(d, cfg.num_heads, cfg.qk_norm)
         self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cross=True)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
@@ -281,16 +291,19 @@ class STIV(nn.Module):
         self.apply(basic)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.cond_embed.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         for m in self.caption_proj.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-        nn.init.normal_(self.adaln[1].weight, std=0.02)
+        for m in self.adaln.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for blk in self.blocks:
+        for blk in self.stiv_blocks():
             blk.scale_shift_table.normal_(std=self.cfg.hidden_size**-0.5)
             if blk.has_temporal:
                 nn.init.constant_(blk.temporal.gate, float(self.cfg.temporal_gate_init))
@@ -301,10 +314,13 @@ class STIV(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.grad_checkpointing = enabled
-
     # ------------------------------------------------------------------ helpers
+    def stiv_blocks(self) -> Iterator[STIVBlock]:
+        """`self.blocks`, typed (a ModuleList yields plain Modules to a type checker)."""
+        for blk in self.blocks:
+            assert isinstance(blk, STIVBlock)
+            yield blk
+
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """Network output -> velocity. Identity unless `cfg.predict_clean`, where
         `v = (x_hat - x_t) / max(1 - t, cfg.clean_pred_min_denominator)`, computed in fp32 and

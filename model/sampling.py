@@ -93,11 +93,12 @@ def sample(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     eps0 = torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device)
 
-    given = None
-    if given_mask is not None:
+    given: torch.Tensor | None = None
+    clean = eps0  # the kept frames' latents; read only where `given` is True
+    if given_mask is not None and given_latents is not None:
         given = given_mask.to(device).bool()
-        given_latents = given_latents.to(device=device, dtype=torch.float32)
-        if given.shape != (b, shape[2]) or given_latents.shape != tuple(shape):
+        clean = given_latents.to(device=device, dtype=torch.float32)
+        if given.shape != (b, shape[2]) or clean.shape != tuple(shape):
             raise ValueError("given_mask must be (B, T) and given_latents (B, C, T, H, W)")
         keep_w = (~given).float()[:, None, :, None, None]
     else:
@@ -117,12 +118,12 @@ def sample(
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         tb = torch.full((b,), t, device=device, dtype=torch.float32)
-        x_c = replace_frames(x, given_latents, given)
-        if not guided:
+        x_c = replace_frames(x, clean, given)
+        if cfg_scale is None:
             return model(x_c, tb, text_tokens, text_mask, text_pooled, micro_cond).float()
         x_u = x_c
         if given is not None:
-            x_u = replace_frames(x, interpolate(given_latents, eps0, tb), given)
+            x_u = replace_frames(x, interpolate(clean, eps0, tb), given)
         out = model(torch.cat([x_c, x_u]), torch.cat([tb, tb]), tokens2, mask2, pooled2, micro2)
         v_c, v_u = out.float().chunk(2)
         return cfg_combine(v_c, v_u, float(cfg_scale), renorm=renorm, weight=keep_w)
@@ -134,16 +135,16 @@ def sample(
             shift = model_config(model).timestep_shift
         grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
         ts = shift_time(grid, shift).tolist()
-        x = replace_frames(eps0, given_latents, given)
+        x = replace_frames(eps0, clean, given)
         for t0, t1 in itertools.pairwise(ts):
             dt = t1 - t0
             v0 = velocity(x, t0)
             if solver == "euler":
                 x = x + dt * v0
             else:
-                x_pred = replace_frames(x + dt * v0, given_latents, given)
+                x_pred = replace_frames(x + dt * v0, clean, given)
                 x = x + 0.5 * dt * (v0 + velocity(x_pred, t1))
-            x = replace_frames(x, given_latents, given)
+            x = replace_frames(x, clean, given)
     finally:
         model.train(was_training)
     return x
