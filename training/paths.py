@@ -11,15 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def is_uri(value: str) -> bool:
-    """True for object-store and other scheme URIs (`s3://bucket/x`), which are not resolved."""
-    return "://" in value
+from stiv_core.uris import is_local
 
 
 def absolute_path(value: str) -> str:
-    """`value` made absolute against the working directory; "" and URIs unchanged."""
-    if not value or is_uri(value):
+    """`value` made absolute against the working directory; "", URIs (`s3://...`) and `file://`
+    URIs (already absolute) unchanged."""
+    if not value or not is_local(value) or value.startswith("file://"):
         return value
     return str(Path(value).expanduser().absolute())
 

@@ -38,8 +38,11 @@ import numpy as np
 import pyarrow as pa
 
 from data_engine import quarantine
+from data_engine.schema import conform
 from data_engine.store import Database
 from stiv_core.config import ConfigError, load_config, save_config
+from stiv_core.ray_connect import connect_ray
+from stiv_core.uris import is_local
 from training.paths import resolve_path_fields
 
 # Order of the micro-conditions in `micro_cond`; must equal model.config.MICRO_COND_NAMES
@@ -248,50 +251,23 @@ def decode_windows(
     """(window index, (K, H, W, 3) uint8 RGB frames) for frame-index windows of one video, in
     one sequential decoding pass, each yielded as soon as its last frame is decoded.
 
-    Frames are counted by decoding order exactly as the split stage counts them (timestamps
-    drift on variable-frame-rate files), rotated for display like the clips table's width and
-    height, and opened through `data_engine.video` (local paths and object stores, a deadline,
-    FFmpeg errors mapped to VideoError)."""
-    from data_engine.video import (
-        VideoError,
-        apply_rotation,
-        decode_frames,
-        open_container,
-        rotation_from_frame,
-        video_stream,
-    )
+    A window may name a frame more than once; its frames come back in the window's order.
+    Decoding is the data engine's window decoder (`data_engine.video.decode_windows`): frames
+    counted by decoding order exactly as the split stage counts them, rotated for display like
+    the clips table's width and height, local paths and object stores, FFmpeg errors mapped to
+    VideoError, a truncated file named as such."""
+    from data_engine import video
 
-    if not windows:
-        return
-    users: dict[int, int] = {}
-    for window in windows:
-        for index in set(window):
-            users[index] = users.get(index, 0) + 1
-    order = sorted(range(len(windows)), key=lambda w: max(windows[w]))
-    images: dict[int, np.ndarray] = {}
-    next_window, index = 0, -1
+    def rotated_rgb(frame, index, stream) -> np.ndarray:
+        return video.apply_rotation(
+            frame.to_ndarray(format="rgb24"), video.rotation_from_frame(frame)
+        )
+
     deadline = time.monotonic() + timeout_s
-    with open_container(uri, storage_options, "prepare", timeout_s) as container:
-        stream = video_stream(container, uri, "prepare")
-        for frame in decode_frames(container, stream, uri, "prepare", deadline):
-            index += 1
-            if index in users:
-                rgb = frame.to_ndarray(format="rgb24")
-                images[index] = apply_rotation(rgb, rotation_from_frame(frame))
-            while next_window < len(order) and max(windows[order[next_window]]) <= index:
-                w = order[next_window]
-                yield w, np.stack([images[i] for i in windows[w]])
-                for i in set(windows[w]):
-                    users[i] -= 1
-                    if users[i] == 0:
-                        del images[i]
-                next_window += 1
-            if next_window == len(order):
-                return
-    missing = min(i for i in users if i > index)
-    raise VideoError(
-        "prepare", "truncated", f"{uri}: only {index + 1} frames decode, frame {missing} is missing"
-    )
+    for w, frames in video.decode_windows(
+        uri, windows, rotated_rgb, "prepare", storage_options, timeout_s, deadline
+    ):
+        yield w, np.stack([frames[i] for i in windows[w]])
 
 
 def stable_id(text: str) -> str:
@@ -461,9 +437,7 @@ class TextEncodeActor:
         columns["text_pooled"] = pa.array(
             [_to_storage(emb.pooled[i], self.storage_dtype) for i in range(n)], pa.binary()
         )
-        return pa.table(
-            [columns[f.name].cast(f.type) for f in LATENTS_SCHEMA], schema=LATENTS_SCHEMA
-        )
+        return conform(pa.table(columns), LATENTS_SCHEMA)
 
 
 # --------------------------------------------------------------------------- driver
@@ -649,20 +623,6 @@ def decode_concurrency(cfg: PrepareConfig, resources: dict[str, float]) -> int:
     return max(1, int(spare // cfg.decode_num_cpus + 1e-9))
 
 
-def ensure_ray(address: str | None) -> bool:
-    """Connect to Ray at `address` (or $RAY_ADDRESS), else start a private local instance (never
-    silently join another user's local cluster). True when this call started/connected it and
-    must shut it down; False when Ray was already initialised by the caller."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)
-    return True
-
-
 def run_prepare(
     db_uri: str,
     snapshot: str | None,
@@ -685,14 +645,14 @@ def run_prepare(
     attempts = quarantine.load_attempts(db)
     todo, counts = _plan(source, cfg, done, attempts)
     _write_meta(db, cfg)
-    run_dir = Path(db.uri) / "_prepare" / cfg.latents_table if "://" not in db.uri else None
+    run_dir = Path(db.uri) / "_prepare" / cfg.latents_table if is_local(db.uri) else None
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "resolved_config.yaml")
 
     written, failures = 0, []
     if todo:
-        started = ensure_ray(address)
+        started = connect_ray(address)
         try:
             encoder = {k: getattr(cfg.encoder, k) for k in EncoderConfig.__dataclass_fields__}
             items = group_tasks(todo, cfg.clips_per_task)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stiv_core.config import ConfigError, load_config, save_config, to_dict
+from stiv_core.uris import is_local
 from training.paths import resolve_path_fields
 from training.tasks import TaskSection, check_tasks
 from training.validation import EvalSection
@@ -838,8 +839,8 @@ def run_train(
     from ray.train.torch import TorchTrainer
 
     from data_engine.store import Database
+    from stiv_core.ray_connect import connect_ray
     from training.checkpoint import list_checkpoints
-    from training.prepare import ensure_ray
 
     start_s = time.time()
     cfg = load_train_config(config_path, overrides)
@@ -851,7 +852,7 @@ def run_train(
     db = Database(cfg.db)
     table_version = cfg.data.table_version or db.table(cfg.latents_table).version
 
-    started = ensure_ray(address)
+    started = connect_ray(address)
     try:
         scaling = resolve_scaling(cfg.scaling, ray.cluster_resources())
         keys = sorted(set(db.table(cfg.latents_table, table_version).to_table(columns=["bucket"])
@@ -953,7 +954,8 @@ def dry_run(
     cfg = load_train_config(config_path, overrides)
     meta, counts, assumed = None, {}, []
     local_missing = (
-        "://" not in cfg.db and not (Path(cfg.db) / f"{cfg.latents_table}.lance").is_dir()
+        is_local(cfg.db)
+        and not (Path(cfg.db.removeprefix("file://")) / f"{cfg.latents_table}.lance").is_dir()
     )
     if not local_missing:  # (skips importing Lance when there is nothing to read)
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):

@@ -57,8 +57,8 @@ def test_apps_demo_end_to_end_at_a_tiny_scale(tmp_path, ray_session, capsys, mon
          "--videos-per-combo", "1", "--multiview-objects", "8", "--seeds-per-prompt", "1",
          "--sampling-steps", "1", "--batch-size", "2", "--figures", str(tmp_path / "figures")]
     )  # fmt: skip
-    for stage in apps_demo.STAGES:
-        assert [s for s, _ in list_checkpoints(root / "runs" / stage)] == [2], stage
+    for stage in apps_demo.STAGES:  # two steps, a checkpoint every step, two kept
+        assert [s for s, _ in list_checkpoints(root / "runs" / stage)] == [1, 2], stage
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result["figures"]
     assert set(last) == {*apps_demo.FIGURE_KEYS, "all_tasks", "apps_train_minutes"}
