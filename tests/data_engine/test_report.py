@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageStat
 
+from data_engine.report import charts
 from data_engine.report.build import write_report
 from data_engine.report.page import SECTIONS
 from data_engine.report.scan import (
@@ -377,3 +378,55 @@ def test_dsg_columns_match_the_captioning_report() -> None:
     from data_engine.report.sections import DSG_COLUMNS
 
     assert DSG_COLUMNS == REQUIRED_COLUMNS
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (0.0, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]),
+        (0.0, 8.0, [0.0, 2.0, 4.0, 6.0, 8.0]),
+        (-0.7, 34.9, [0.0, 10.0, 20.0, 30.0]),
+        (0.0, 1300.0, [0.0, 500.0, 1000.0]),
+        (5.0, 5.0, [5.0, 5.2, 5.4, 5.6, 5.8, 6.0]),
+    ],
+)
+def test_nice_ticks_are_round_and_inside(low: float, high: float, expected: list[float]) -> None:
+    assert charts.nice_ticks(low, high) == pytest.approx(expected)
+    assert charts.covering_ticks(1300.0)[-1] == 1500.0
+
+
+def test_histogram_svg_is_valid_xml_with_one_rect_per_nonempty_bin_and_marks_inside() -> None:
+    import xml.etree.ElementTree as ET
+
+    counts = np.array([0, 3, 0, 7, 1])
+    marks = [
+        ("snap-a", Threshold("aesthetic_score", ">", 0.3)),
+        ("snap-b", Threshold("aesthetic_score", "<=", 1.4)),  # right of the bins
+    ]
+    svg, bars = charts.histogram_svg("aesthetic", np.linspace(0, 1, 6), counts, "score", marks)
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    rects = root.findall(f"{ns}rect")
+    assert bars == len(rects) == 3
+    assert [r.get("id") for r in rects] == [f"chart-aesthetic-bar-{i}" for i in range(3)]
+    heights = [float(r.get("height")) for r in rects]
+    assert heights[1] > heights[0] > heights[2] > 0  # 7 > 3 > 1
+    lines = {ln.get("id"): float(ln.get("x1")) for ln in root.findall(f"{ns}line") if ln.get("id")}
+    assert set(lines) == {"chart-aesthetic-mark-0", "chart-aesthetic-mark-1"}
+    width = float(root.get("width"))
+    assert 0 < lines["chart-aesthetic-mark-0"] < lines["chart-aesthetic-mark-1"] < width
+    labels = [t for t in root.findall(f"{ns}text") if t.text and t.text.startswith("snap-")]
+    assert [t.text for t in labels] == ["snap-a: > 0.3", "snap-b: <= 1.4"]
+    assert labels[1].get("text-anchor") == "end"  # would leave the canvas on the right
+
+
+def test_category_svg_orders_bars_largest_first() -> None:
+    import xml.etree.ElementTree as ET
+
+    svg, bars = charts.category_svg({"sports": 120, "nature and landscape": 1300, "cooking": 7})
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    widths = [float(r.get("width")) for r in root.findall(f"{ns}rect")]
+    assert bars == 3 and widths == sorted(widths, reverse=True)
+    names = [t.text for t in root.findall(f"{ns}text")][:3]
+    assert names == ["nature and landscape", "sports", "cooking"]
