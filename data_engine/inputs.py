@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stiv_core.uris import is_local
+from stiv_core.uris import is_local, local_path
 
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
@@ -74,7 +74,7 @@ def expand_inputs(
             else:
                 add(item)
             continue
-        path = Path(item.removeprefix("file://")).expanduser().absolute()
+        path = Path(local_path(item))
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
             if not found:

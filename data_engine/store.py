@@ -29,7 +29,7 @@ from lance.dataset import ColumnOrdering
 
 from data_engine.filters import FilterError, check_filter
 from data_engine.schema import conform
-from stiv_core.uris import is_local
+from stiv_core.uris import is_local, local_path
 
 VIDEOS = "videos"
 CLIPS = "clips"
@@ -115,9 +115,7 @@ class Database:
 
     def __init__(self, uri: str | Path, storage_options: dict[str, str] | None = None) -> None:
         uri = str(uri)
-        if uri.startswith("file://"):
-            uri = uri[len("file://") :]
-        self.uri = str(Path(uri).absolute()) if is_local(uri) else uri.rstrip("/")
+        self.uri = local_path(uri) if is_local(uri) else uri.rstrip("/")
         self.storage_options = storage_options or storage_options_from_env(self.uri)
         if is_local(self.uri):
             Path(self.uri).mkdir(parents=True, exist_ok=True)

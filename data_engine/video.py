@@ -30,7 +30,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from data_engine.frames import ClipFrames
-from stiv_core.uris import is_local
+from stiv_core.uris import is_local, local_path
 
 T = TypeVar("T")
 
@@ -59,15 +59,9 @@ class VideoError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _local_path(uri: str) -> str:
-    if uri.startswith("file://"):
-        uri = urlparse(uri).path
-    return os.path.abspath(os.path.expanduser(uri))
-
-
 def normalize_uri(uri: str) -> str:
     """Local paths become absolute paths; other URIs are kept as given (opaque strings)."""
-    return _local_path(uri) if is_local(uri) else uri
+    return local_path(uri) if is_local(uri) else uri
 
 
 def video_id_for(uri: str) -> str:
@@ -132,7 +126,7 @@ def open_input(uri: str, storage_options: dict[str, Any] | None = None) -> str |
     """What `av.open` should read: a local absolute path, or a seekable file object for an
     object-store URI (s3://, gs://, ...). The caller closes a returned file object."""
     if is_local(uri):
-        return _local_path(uri)
+        return local_path(uri)
     fs, path = remote_filesystem(uri, storage_options)
     return fs.open_input_file(path)
 
@@ -180,7 +174,7 @@ def input_size_bytes(uri: str, storage_options: dict[str, Any] | None) -> int | 
     """File size in bytes, None when it does not exist. Raises VideoError for I/O failures."""
     try:
         if is_local(uri):
-            path = _local_path(uri)
+            path = local_path(uri)
             return os.path.getsize(path) if os.path.isfile(path) else None
         import pyarrow.fs as pafs
 

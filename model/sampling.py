@@ -106,8 +106,7 @@ def sample(
 
     text_tokens, text_pooled = text_tokens.to(device), text_pooled.to(device)
     text_mask, micro_cond = text_mask.to(device).bool(), micro_cond.to(device)
-    guided = cfg_scale is not None
-    if guided:
+    if cfg_scale is not None:
         nt = expand_null_condition(null_text_tokens, b, text_tokens)
         nm = expand_null_condition(null_text_mask.bool(), b, text_mask, fill=False)
         npool = expand_null_condition(null_text_pooled, b, text_pooled, pad_tokens=False)

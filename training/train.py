@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from stiv_core.config import ConfigError, load_config, save_config, to_dict
-from stiv_core.uris import is_local
+from stiv_core.uris import is_local, local_path
 from training.paths import resolve_path_fields
 from training.tasks import TaskSection, check_tasks
 from training.validation import EvalSection
@@ -954,8 +954,7 @@ def dry_run(
     cfg = load_train_config(config_path, overrides)
     meta, counts, assumed = None, {}, []
     local_missing = (
-        is_local(cfg.db)
-        and not (Path(cfg.db.removeprefix("file://")) / f"{cfg.latents_table}.lance").is_dir()
+        is_local(cfg.db) and not (Path(local_path(cfg.db)) / f"{cfg.latents_table}.lance").is_dir()
     )
     if not local_missing:  # (skips importing Lance when there is nothing to read)
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):

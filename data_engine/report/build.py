@@ -26,7 +26,7 @@ from data_engine.report.scan import (
 )
 from data_engine.report.thumbs import ThumbRequest, clip_times, write_thumbnails
 from data_engine.store import VIDEOS, Database, StoreError
-from stiv_core.uris import is_local
+from stiv_core.uris import is_local, local_path
 
 DEFAULT_MAX_THUMBNAILS = 80  # clips decoded at most, over every section
 SAMPLE_ROWS = 20_000  # uniform sample of selected rows behind the strips and provenance
@@ -65,7 +65,7 @@ def _prepare_out(out_dir: Path) -> Path:
 
 
 def _open_database(db_uri: str | Path) -> Database:
-    if is_local(str(db_uri)) and not Path(str(db_uri).removeprefix("file://")).is_dir():
+    if is_local(str(db_uri)) and not Path(local_path(str(db_uri))).is_dir():
         raise StoreError(f"--db {db_uri}: no such database directory")
     return Database(db_uri)
 

@@ -104,12 +104,7 @@ def histogram_svg(
             f"width='{max(x1 - x0, 0.5):.2f}' height='{bottom - y:.2f}' fill='{_BAR_COLOUR}'/>"
         )
     body += _axes(left, right, top, bottom)
-    for v in nice_ticks(x_low, x_high):
-        x = sx(v)
-        body.append(
-            f"<line x1='{x:.1f}' y1='{bottom}' x2='{x:.1f}' y2='{bottom + 4}' stroke='{_AXIS_COLOUR}'/>"
-        )
-        body.append(_text(x, bottom + 15, _label(v)))
+    body += _x_ticks(nice_ticks(x_low, x_high), sx, bottom)
     for v in y_ticks:
         y = sy(v)
         body.append(
@@ -134,6 +129,18 @@ def _axes(left: float, right: float, top: float, bottom: float) -> list[str]:
         f"<line x1='{left}' y1='{bottom}' x2='{right}' y2='{bottom}' stroke='{_AXIS_COLOUR}'/>",
         f"<line x1='{left}' y1='{top}' x2='{left}' y2='{bottom}' stroke='{_AXIS_COLOUR}'/>",
     ]
+
+
+def _x_ticks(ticks: list[float], sx: Callable[[float], float], bottom: float) -> list[str]:
+    """Tick marks and labels under the x axis at `bottom`."""
+    body = []
+    for v in ticks:
+        x = sx(v)
+        body.append(
+            f"<line x1='{x:.1f}' y1='{bottom}' x2='{x:.1f}' y2='{bottom + 4}' stroke='{_AXIS_COLOUR}'/>"
+        )
+        body.append(_text(x, bottom + 15, _label(v)))
+    return body
 
 
 def _marks(
@@ -186,11 +193,6 @@ def category_svg(counts: dict[str, int]) -> tuple[str, int]:
         )
         body.append(_text(left - 6, y + row_px / 2 + 3, name, "end"))
     body += _axes(left, right, top, bottom)
-    for v in x_ticks:
-        x = sx(v)
-        body.append(
-            f"<line x1='{x:.1f}' y1='{bottom}' x2='{x:.1f}' y2='{bottom + 4}' stroke='{_AXIS_COLOUR}'/>"
-        )
-        body.append(_text(x, bottom + 15, _label(v)))
+    body += _x_ticks(x_ticks, sx, bottom)
     body.append(_text((left + right) / 2, height - 8, "clips"))
     return _svg(_WIDTH, height, body), len(ordered)
