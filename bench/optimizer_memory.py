@@ -88,8 +88,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from model.config import get_preset
+    from model.info import param_shapes
     from training.optim import analytic_optimizer_bytes
-    from training.train import param_shapes
 
     world = 2
     with mp.Manager() as manager:

@@ -167,3 +167,54 @@ def activation_bytes(
         * (cfg.num_masked_blocks * kept + cfg.num_extra_unmasked_blocks * n)
     )
     return {"without_checkpointing": without, "with_checkpointing": inputs + kept_outputs + block}
+
+
+def tokens_per_sample(model_cfg: STIVConfig, latent_shape: list[int]) -> int:
+    """Patch tokens the network sees for one sample of latents (C, T, h, w): latent frames over
+    the temporal patch (one frame is an image: one temporal token) times cells over the patch."""
+    _, t, h, w = latent_shape
+    return (
+        max(1, t // model_cfg.temporal_patch_size)
+        * (h // model_cfg.patch_size)
+        * (w // model_cfg.patch_size)
+    )
+
+
+def flops_per_sample(model_cfg: STIVConfig, latent_shape: list[int], text_len: int) -> float:
+    """Training FLOPs for one sample (forward + backward = 3x forward), counted as 2 x MACs of
+    every matmul: linear layers (2 x block weights x tokens) plus attention scores and weighted
+    sums (spatial 4 N^2 d per frame, temporal 4 T^2 d per position, cross 4 N L d per frame).
+    Under MaskDiT the main blocks see only the kept tokens; the extra blocks see all of them.
+    Norms, RoPE and the condition MLPs are ignored (well under 1% at XL size)."""
+    c, t, h, w = latent_shape
+    p, pt, d = model_cfg.patch_size, model_cfg.temporal_patch_size, model_cfg.hidden_size
+    tt, n_all = max(1, t // pt), (h // p) * (w // p)
+    has_temporal = model_cfg.temporal_attention and tt > 1
+
+    def block(n: int) -> float:
+        linear = 2 * (
+            4 * d * d
+            + (4 * d * d if has_temporal else 0)
+            + 2 * d * d
+            + 2 * d * model_cfg.mlp_hidden
+        )
+        kv_text = 2 * 2 * d * d * text_len  # cross-attention keys/values of the text tokens
+        attention = (
+            4 * n * n * d * tt
+            + (4 * tt * tt * d * n if has_temporal else 0)
+            + 4 * n * text_len * d * tt
+        )
+        return linear * n * tt + kv_text + attention
+
+    n_kept = max(1, round(n_all * (1 - model_cfg.mask_ratio)))
+    forward = model_cfg.num_masked_blocks * block(n_kept)
+    forward += model_cfg.num_extra_unmasked_blocks * block(n_all)
+    forward += 2 * 2 * tt * n_all * d * (c * p * p * pt)  # patch embedding + final projection
+    return 3.0 * forward
+
+
+def param_shapes(model_cfg: STIVConfig) -> list[tuple[int, ...]]:
+    """Parameter shapes counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = STIV(model_cfg)
+    return [tuple(p.shape) for p in model.parameters()]

@@ -235,7 +235,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import dry_run, run_train
+    from training.dry_run import dry_run
+    from training.train import run_train
 
     if args.dry_run:
         print(json.dumps(dry_run(args.config, args.set, args.bucket), indent=1))

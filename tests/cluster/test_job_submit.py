@@ -19,7 +19,7 @@ import pytest
 from test_multinode import REPO, LocalCluster, _free_port
 
 from data_engine.store import Database
-from training.checkpoint import list_checkpoints
+from training.checkpoint import latest_checkpoint, list_checkpoints
 from training.encoders import make_tiny_text_encoder
 from training.shapes import all_specs, write_dataset
 
@@ -88,7 +88,8 @@ def _last_json(stdout: str, first_key: str) -> dict:
 def test_ray_job_submit_curate_then_train(cluster: DashboardCluster, tmp_path: Path) -> None:
     """Curation, latents and a 2-rank ZeRO-2 stage (one rank per node), each submitted with
     `ray job submit`: each job succeeds, its summary line arrives in the submitter's output,
-    and clips, latents and checkpoints are where the commands said."""
+    and clips, latents, metrics for every step and a checkpoint with one optimizer shard per
+    rank are where the commands said."""
     videos, db = tmp_path / "videos", tmp_path / "db"
     write_dataset(videos, all_specs(8, seed=5), num_frames=16, size=32, fps=8)
     curated = cluster.job_submit(
@@ -125,3 +126,6 @@ def test_ray_job_submit_curate_then_train(cluster: DashboardCluster, tmp_path: P
     assert [s for s, _ in list_checkpoints(run_dir)] == [2]
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
+    shards = sorted(p.name for p in (latest_checkpoint(run_dir) / "ds" / "state").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards  # one ZeRO-2 shard per rank
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards

@@ -1,6 +1,8 @@
 """`stiv train` on a real 2-node Ray cluster (head + worker from `ray start`, see
-test_multinode.py): latents prepared through the cluster, then a tiny STIV run with DeepSpeed
-ZeRO-2 and one rank per node (STRICT_SPREAD), submitted as a Ray job."""
+test_multinode.py): latents prepared through the cluster's Ray Data from a driver given
+`--address`, then a tiny STIV run with DeepSpeed ZeRO-2 and one rank per node (STRICT_SPREAD),
+submitted as a Ray job, that loses its worker node mid-run. The plain two-node run (per-rank
+optimizer shards, every step logged) is test_job_submit.py's, through `ray job submit`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from test_multinode import REPO, LocalCluster
 
 from data_engine.store import CLIPS, Database
 from data_engine.video import clip_id_for, probe, video_id_for
-from training.checkpoint import latest_checkpoint
 from training.encoders import make_tiny_text_encoder
 from training.shapes import all_specs, write_dataset
 
@@ -76,51 +77,17 @@ def _prepare_on_cluster(cluster: LocalCluster, tmp_path: Path) -> tuple[Path, di
 
 
 @pytest.mark.slow
-def test_train_zero2_one_rank_per_node(cluster: LocalCluster, tmp_path: Path) -> None:
-    """Prepare runs through the cluster's Ray Data; training runs as a Ray job with two ranks on
-    two nodes and leaves per-rank ZeRO-2 optimizer shards, metrics for every step and an EMA
-    checkpoint that generation can load."""
-    db, prepared = _prepare_on_cluster(cluster, tmp_path)
-    assert prepared["written"] == 8
-
-    run_dir = tmp_path / "runs" / "t2v"
-    sets = [
-        f"db={db}", f"run_dir={run_dir}", "max_steps=4", "checkpoint_every=2",
-        "init_from.mode=none", "init_from.run_dir=", "data.batch_size=2", "log_every=1",
-        "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
-        "scaling.zero_stage=2", "scaling.data_cpus=1.0", "scaling.cpus_per_worker=0",
-    ]  # fmt: skip
-    entrypoint = "stiv train --config pipelines/train-t2v-tiny-cpu.yaml " + " ".join(
-        f"--set {s}" for s in sets
-    )
-    submitter = cluster.submit(entrypoint)
-    out, err = submitter.communicate(timeout=420)
-    assert submitter.returncode == 0, err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["status"] == "SUCCEEDED", (result["message"], result["logs"][-4000:])
-    summary = json.loads(
-        [ln for ln in result["logs"].splitlines() if ln.startswith('{"run_dir"')][-1]
-    )
-    assert summary["num_workers"] == 2 and summary["steps"] == 4
-
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    shards = sorted(p.name for p in (latest_checkpoint(run_dir) / "ds" / "state").iterdir())
-    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shards
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
-
-
-@pytest.mark.slow
 def test_training_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) -> None:
     """A worker node dies mid-run (all its processes at once); a replacement node joins and
     Ray Train's FailureConfig restarts the ranks from the latest checkpoint: the job finishes
     every step, and each step is logged once."""
     import time
 
-    db, _ = _prepare_on_cluster(cluster, tmp_path)
+    db, prepared = _prepare_on_cluster(cluster, tmp_path)
+    assert prepared["written"] == 8
     run_dir = tmp_path / "runs" / "t2v"
     sets = [
-        f"db={db}", f"run_dir={run_dir}", "max_steps=60", "checkpoint_every=5", "log_every=1",
+        f"db={db}", f"run_dir={run_dir}", "max_steps=40", "checkpoint_every=5", "log_every=1",
         "init_from.mode=none", "init_from.run_dir=", "data.batch_size=2",
         "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
         "scaling.zero_stage=2", "scaling.data_cpus=1.0", "scaling.cpus_per_worker=0", "scaling.max_failures=3",
@@ -144,8 +111,8 @@ def test_training_survives_losing_a_node(cluster: LocalCluster, tmp_path: Path) 
     result = json.loads(out.strip().splitlines()[-1])
     assert result["status"] == "SUCCEEDED", (result["message"], result["logs"][-4000:])
     steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
-    assert steps == list(range(1, 61)), steps
-    assert 12 <= logged_at_kill < 60, "the node must die mid-run"
+    assert steps == list(range(1, 41)), steps
+    assert 12 <= logged_at_kill < 40, "the node must die mid-run"
     assert "restart" in result["logs"].lower() or "fail" in result["logs"].lower(), result["logs"][
         -3000:
     ]

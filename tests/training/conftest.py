@@ -237,3 +237,17 @@ def apps_generator(tmp_path_factory):
         {"name": "multiview", "given_frames": "views", "frame_stride": 1},
     ]
     return generator
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, ray_session) -> tuple[Path, dict]:
+    """The train-demo with a few steps per stage (the full one is `make train-demo`), run once:
+    generation's tests read it, and the apps-demo test starts from a copy of its TI2V run."""
+    from demos.train_demo import main as train_demo
+
+    root = tmp_path_factory.mktemp("train_demo")
+    result = train_demo(
+        ["--root", str(root), "--steps-scale", "0.001", "--videos-per-combo", "1",
+         "--seeds-per-prompt", "1", "--batch-size", "4", "--figures", str(root / "figures")]
+    )  # fmt: skip
+    return root, result

@@ -5,6 +5,7 @@ Train for two steps)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -47,18 +48,23 @@ def test_measuring_reports_every_figure(apps_generator, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_apps_demo_end_to_end_at_a_tiny_scale(tmp_path, ray_session, capsys, monkeypatch) -> None:
-    """The driver from nothing: a two-step train-demo base, the apps data curated and
-    prepared at stride 1, every application stage config run for two steps through Ray
-    Train, then the evaluation; the last line holds exactly the issue's keys."""
+def test_apps_demo_end_to_end_at_a_tiny_scale(tmp_path, demo_run, capsys) -> None:
+    """The driver on a copy of the train-demo fixture's root (so its TI2V run is found and not
+    trained again): the apps data curated and prepared at stride 1, every application stage
+    config (pipelines/train-*-tiny-cpu.yaml) run for two steps through Ray Train from the TI2V
+    weights, then the evaluation; the last line holds exactly the issue's keys."""
     root = tmp_path / "demo"
+    shutil.copytree(demo_run[0] / "runs" / "ti2v", root / "runs" / "ti2v")
     result = apps_demo.main(
         ["--root", str(root), "--steps-scale", "0.0001", "--base-steps-scale", "0.0001",
          "--videos-per-combo", "1", "--multiview-objects", "8", "--seeds-per-prompt", "1",
          "--sampling-steps", "1", "--batch-size", "2", "--figures", str(tmp_path / "figures")]
     )  # fmt: skip
+    assert result["details"]["base_minutes"] == 0.0  # the copied TI2V run was used as it is
     for stage in apps_demo.STAGES:  # two steps, a checkpoint every step, two kept
         assert [s for s, _ in list_checkpoints(root / "runs" / stage)] == [1, 2], stage
+        metrics = (root / "runs" / stage / "metrics.jsonl").read_text().splitlines()
+        assert metrics and all(json.loads(m)["loss"] > 0 for m in metrics), stage
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == result["figures"]
     assert set(last) == {*apps_demo.FIGURE_KEYS, "all_tasks", "apps_train_minutes"}

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from stiv_core.config import ConfigError, load_config
+from training.config import ObjectiveSection
+from training.plan import check_tasks_fit
 from training.tasks import (
     STRIDE_INDEX,
     TaskSection,
@@ -15,7 +17,6 @@ from training.tasks import (
     given_mask,
     tasks_for_bucket,
 )
-from training.train import ObjectiveSection, check_tasks_fit
 
 
 def _task(name: str, given: str = "none", stride: int = 1, p: float = 1.0, **kw) -> TaskSection:

@@ -64,7 +64,7 @@ def test_activation_estimate_matches_the_tiny_cpu_stage():
 def test_dry_run_reads_buckets_and_encoders_from_the_latents_table(train_db, tmp_path):
     """With a prepared latents table the dry run takes its buckets (with sample counts), the
     encoders' dimensions and the token budget's batch sizes from it, assuming nothing."""
-    from training.train import dry_run
+    from training.dry_run import dry_run
 
     report = dry_run(
         None,

@@ -12,21 +12,9 @@ import av
 import numpy as np
 import pytest
 
-from demos.train_demo import main as train_demo
 from training.generate import Generator
 
 STIV = [sys.executable, "-m", "stiv.cli"]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, ray_session) -> tuple[Path, dict]:
-    """The train-demo with a few steps per stage (the full one is `make train-demo`)."""
-    root = tmp_path_factory.mktemp("train_demo")
-    result = train_demo(
-        ["--root", str(root), "--steps-scale", "0.001", "--videos-per-combo", "1",
-         "--seeds-per-prompt", "1", "--batch-size", "4", "--figures", str(root / "figures")]
-    )  # fmt: skip
-    return root, result
 
 
 @pytest.mark.slow

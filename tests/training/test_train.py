@@ -22,15 +22,12 @@ from training.checkpoint import (
     load_ema_model,
     load_encoders,
 )
+from training.config import TrainConfig
 from training.data import plan_epoch, steps_per_epoch
+from training.loop import initialise_from
 from training.optim import EMA, AdaFactor, optimizer_state_bytes, warmup_constant
+from training.plan import resolve_model_config, resolve_scaling
 from training.prepare import PrepareConfig
-from training.train import (
-    TrainConfig,
-    initialise_from,
-    resolve_model_config,
-    resolve_scaling,
-)
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
@@ -271,7 +268,7 @@ def test_rank_feed_reads_planned_batches_across_datasets_and_epochs(train_db, ra
 def test_resolve_scaling_leaves_cpus_for_data():
     """On the 2-core machine, 2 workers must not take both CPUs (docs/design-notes.md "The 2-core
     trap")."""
-    from training.train import ScalingSection
+    from training.config import ScalingSection
 
     assert resolve_scaling(ScalingSection(num_workers=2), {"CPU": 2}) == {
         "num_workers": 2,
@@ -330,7 +327,7 @@ def test_warmup_then_constant_and_ema():
 def test_flops_estimate_matches_six_n_d_and_masking():
     """The MFU numerator: for a wide model, FLOPs per token are ~6 x block parameters (the
     standard 6ND rule) plus attention; MaskDiT at 50% roughly halves the main blocks' share."""
-    from training.train import flops_per_sample
+    from model.info import flops_per_sample
 
     cfg = get_preset("stiv-xl")
     shape = [4, 20, 32, 32]  # 20 latent frames at 256 px through an 8x VAE

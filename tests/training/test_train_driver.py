@@ -17,14 +17,8 @@ from model.network import STIV
 from stiv.cli import main
 from stiv_core.config import ConfigError, load_config
 from training.checkpoint import list_checkpoints, load_ema_state
-from training.train import (
-    TRAIN_PATH_FIELDS,
-    TrainConfig,
-    load_train_config,
-    read_latents_meta,
-    resolve_model_config,
-    resume_checkpoint,
-)
+from training.config import TRAIN_PATH_FIELDS, TrainConfig, load_train_config
+from training.plan import read_latents_meta, resolve_model_config, resume_checkpoint
 
 
 def _fake_run(run_dir: Path, model: STIV, step: int = 10, **state) -> None:
@@ -159,7 +153,8 @@ def test_token_budget_batch_sizes_trade_resolution_against_frames():
     VideoX-Fun trade of 512^2 x 49 against 768^2 x 21 and 1024^2 x 9 at one token length);
     an explicit bucket_batch_size wins; a budget below one sample names the field."""
     from model.config import get_preset
-    from training.train import DataSection, bucket_batch_sizes, bucket_tokens
+    from training.config import DataSection
+    from training.plan import bucket_batch_sizes, bucket_tokens
 
     xl = get_preset("stiv-xl")  # patch 2, temporal patch 2; an 8x VAE
     keys = ["f49x512x512", "f21x768x768", "f9x1024x1024", "f1x256x256"]
