@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import get_preset
 from model.flow import training_loss
 from model.network import STIV
-from training.data import decode_rows, index_table, plan_epoch, rank_feed
+from training.data import index_table, plan_epoch, rank_feed
+from training.latents import LATENTS_SCHEMA, decode_rows
 from training.optim import AdaFactor
-from training.prepare import LATENTS_SCHEMA
 
 
 def write_table(

@@ -67,21 +67,15 @@ def load_ema_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
 
 def write_encoders(directory: str | Path, meta: dict[str, Any]) -> None:
     """Store the latents table's meta row: encoder provenance as JSON, empty prompt as tensors."""
-    import numpy as np
     from safetensors.torch import save_file
+
+    from training.latents import null_text
 
     directory = Path(directory)
     info = {k: v for k, v in meta.items() if not isinstance(v, bytes)}
     (directory / ENCODERS_FILE).write_text(json.dumps(info, indent=1))
-    dim = int(meta["text_dim"])
-    tensors = {
-        "tokens": torch.from_numpy(
-            np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, dim).copy()
-        ),
-        "mask": torch.from_numpy(np.frombuffer(meta["empty_mask"], np.uint8).copy()).bool(),
-        "pooled": torch.from_numpy(np.frombuffer(meta["empty_pooled"], np.float32).copy()),
-    }
-    save_file(tensors, str(directory / NULL_TEXT_FILE))
+    tokens, mask, pooled = (torch.from_numpy(x) for x in null_text(meta))
+    save_file({"tokens": tokens, "mask": mask, "pooled": pooled}, str(directory / NULL_TEXT_FILE))
 
 
 def load_encoders(

@@ -24,15 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-BATCH_COLUMNS = [
-    "latents",
-    "latent_shape",
-    "text_tokens",
-    "text_shape",
-    "text_mask",
-    "text_pooled",
-    "micro_cond",
-]
+from training.latents import BATCH_COLUMNS, decode_rows
 
 
 @dataclass(frozen=True)
@@ -80,27 +72,6 @@ def steps_per_epoch(
     buckets: dict[str, np.ndarray], batch_sizes: dict[str, int], world_size: int
 ) -> int:
     return sum(len(rows) // (batch_sizes[k] * world_size) for k, rows in buckets.items())
-
-
-def decode_rows(table, storage_dtype: str) -> dict[str, np.ndarray]:
-    """Lance rows of one bucket -> stacked float32/bool arrays (shapes equal by construction)."""
-    cols = table.to_pydict()
-    n = len(cols["latents"])
-    lshape = [int(s) for s in cols["latent_shape"][0]]
-    tshape = [int(s) for s in cols["text_shape"][0]]
-
-    def stack(name: str, shape: list[int], dtype: str) -> np.ndarray:
-        return np.stack([np.frombuffer(b, dtype).reshape(shape) for b in cols[name]]).astype(
-            np.float32
-        )
-
-    return {
-        "latents": stack("latents", lshape, storage_dtype),
-        "text_tokens": stack("text_tokens", tshape, storage_dtype),
-        "text_pooled": stack("text_pooled", tshape[-1:], storage_dtype),
-        "text_mask": np.stack([np.frombuffer(b, np.uint8) for b in cols["text_mask"]]).astype(bool),
-        "micro_cond": np.asarray(cols["micro_cond"], dtype=np.float32).reshape(n, -1),
-    }
 
 
 def fetch_steps(

@@ -14,11 +14,11 @@ from model.info import flops_per_sample, param_shapes
 from stiv_core.config import ConfigError, to_dict
 from stiv_core.uris import is_local, local_path
 from training.config import InitFromSection, load_train_config
+from training.latents import read_meta
 from training.plan import (
     bucket_batch_sizes,
     bucket_shape,
     bucket_tokens,
-    read_latents_meta,
     resolve_model_config,
     select_buckets,
 )
@@ -49,7 +49,7 @@ def dry_run(
     )
     if not local_missing:  # (skips importing Lance when there is nothing to read)
         with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-            meta = read_latents_meta(cfg.db, cfg.latents_table)
+            meta = read_meta(cfg.db, cfg.latents_table)
     if meta is not None and not buckets:
         from data_engine.store import Database
 

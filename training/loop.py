@@ -33,6 +33,7 @@ import torch
 
 from model.info import flops_per_sample, tokens_per_sample
 from training.config import InitFromSection, ObjectiveSection, TrainConfig
+from training.latents import null_text as encoded_empty_prompt
 from training.plan import (
     WorkerPlan,
     bucket_batch_sizes,
@@ -322,17 +323,6 @@ class MetricLog:
             self.writer.close()
 
 
-def _null_text(
-    meta: dict[str, Any], text_dim: int, device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """The encoded empty prompt `stiv prepare` stored (tokens, mask, pooled): what text dropout
-    trains on, so classifier-free guidance has the same unconditional input at sampling."""
-    tokens = np.frombuffer(meta["empty_tokens"], np.float32).reshape(-1, text_dim).copy()
-    mask = np.frombuffer(meta["empty_mask"], np.uint8).astype(bool)
-    pooled = np.frombuffer(meta["empty_pooled"], np.float32).copy()
-    return tuple(torch.from_numpy(x).to(device) for x in (tokens, mask, pooled))
-
-
 def _maybe_die(cfg: TrainConfig, place: Place, step_index: int) -> None:
     """Fault injection for the recovery tests: the configured rank exits once, at its step."""
     if place.rank == cfg.debug_kill_rank and step_index == cfg.debug_kill_at_step:
@@ -380,7 +370,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     batch_sizes = bucket_batch_sizes(cfg.data, list(index.buckets), model_cfg, downsample)
     if place.rank == 0:
         print(f"per-rank batch sizes: {batch_sizes}")
-    null_text = _null_text(meta, model_cfg.text_dim, device)
+    # The encoded empty prompt: what text dropout trains on, so classifier-free guidance has
+    # the same unconditional input at sampling.
+    null_text = tuple(torch.from_numpy(x).to(device) for x in encoded_empty_prompt(meta))
     validator = None
     if place.rank == 0 and cfg.eval.every_steps:
         from training.validation import Validator

@@ -87,19 +87,6 @@ def resume_checkpoint(
     return step, path
 
 
-def read_latents_meta(db_uri: str, latents_table: str) -> dict[str, Any]:
-    """The one-row meta table `stiv prepare` wrote (encoders, empty prompt)."""
-    from data_engine.store import Database
-    from training.prepare import meta_table_name
-
-    db = Database(db_uri)
-    if not db.has_table(latents_table):
-        raise FileNotFoundError(
-            f"latents_table: {latents_table!r} not found in {db.uri} (run stiv prepare)"
-        )
-    return db.table(meta_table_name(latents_table)).to_table().to_pylist()[0]
-
-
 def resolve_model_config(cfg: TrainConfig, meta: dict[str, Any]):
     """Preset + overrides, with the encoder dims from the latents table and, when growing from
     a parent run, the parent's RoPE base sizes (positions interpolate: docs/recipe.md

@@ -9,8 +9,7 @@ Ray Data end to end (docs/architecture.md "Data flow"):
 
 Each bucket is one (num_frames, height, width) shape, so a training batch drawn from one bucket
 stacks without padding (docs/design-notes.md "Training input: buckets and resume are ours").
-Latents and text embeddings are stored as raw bytes plus a shape (docs/design-notes.md
-"Lance"). The crop box in original pixels, the original size and the frame stride are kept as
+The table's schema and byte codec are `training.latents`. The crop box in original pixels, the original size and the frame stride are kept as
 micro-conditions (`model.config.MICRO_COND_NAMES`; docs/recipe.md "The singleton condition").
 
 A second table `<latents_table>_meta` (one row) records the encoders that produced the latents
@@ -40,46 +39,24 @@ import pyarrow as pa
 from data_engine import quarantine
 from data_engine.schema import conform
 from data_engine.store import Database
+from model.config import MICRO_COND_NAMES
 from stiv_core.config import ConfigError, load_config, save_config
 from stiv_core.ray_connect import connect_ray
 from stiv_core.uris import is_local
+from training.latents import (
+    LATENTS_SCHEMA,
+    empty_prompt_fields,
+    mask_bytes,
+    meta_table_name,
+    to_storage,
+)
 from training.paths import resolve_path_fields
 
-# Order of the micro-conditions in `micro_cond`; must equal model.config.MICRO_COND_NAMES
-# (a test checks it, so prepare and the model cannot drift apart).
-MICRO_COND_NAMES = (
-    "orig_height",
-    "orig_width",
-    "crop_top",
-    "crop_left",
-    "crop_height",
-    "crop_width",
-    "frame_stride",
-)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Every path field of PrepareConfig (dotted), made absolute on the driver (training/paths.py):
 # decode tasks and encoder actors run in their own directories, and the encoder paths are
 # recorded in the meta table, so a run can be sampled from any working directory.
 PREPARE_PATH_FIELDS = ("image_dir", "encoder.vae_path", "encoder.text_path")
-
-LATENTS_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),  # clips.clip_id, or a hash of the image path
-        ("caption", pa.string()),
-        ("bucket", pa.string()),  # "f{num_frames}x{height}x{width}" in pixels
-        ("num_frames", pa.int32()),  # pixel frames in the sample (1 = image)
-        ("height", pa.int32()),  # pixels
-        ("width", pa.int32()),  # pixels
-        ("latents", pa.binary()),  # storage dtype, C-order, shape latent_shape
-        ("latent_shape", pa.list_(pa.int32())),  # (C, T, h, w)
-        ("text_tokens", pa.binary()),  # storage dtype, shape text_shape
-        ("text_shape", pa.list_(pa.int32())),  # (L, D)
-        ("text_mask", pa.binary()),  # uint8 (L,), 1 on real tokens
-        ("text_pooled", pa.binary()),  # storage dtype (D,), the EOS token's embedding
-        ("micro_cond", pa.list_(pa.float32(), len(MICRO_COND_NAMES))),  # MICRO_COND_NAMES order
-    ]
-)
-
 
 # --------------------------------------------------------------------------- config
 
@@ -184,11 +161,6 @@ class PrepareConfig:
             raise ValueError("clips_per_task/decode_timeout_s: must be >= 1 / > 0")
 
 
-def meta_table_name(latents_table: str) -> str:
-    """The one-row table recording encoders and the encoded empty prompt."""
-    return f"{latents_table}_meta"
-
-
 # --------------------------------------------------------------------------- plain functions
 
 
@@ -272,10 +244,6 @@ def decode_windows(
 
 def stable_id(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def _to_storage(x: Any, dtype: str) -> bytes:
-    return np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(dtype)).tobytes()
 
 
 # --------------------------------------------------------------------------- Ray stages
@@ -404,7 +372,7 @@ class LatentEncodeActor:
             )
             z = self.encoder.encode(frames).numpy()  # (n, C, T, h, w)
             for j, i in enumerate(indices):
-                latents[i] = _to_storage(z[j], self.storage_dtype)
+                latents[i] = to_storage(z[j], self.storage_dtype)
                 shapes[i] = list(z.shape[1:])
         out = batch.drop_columns(["frames"])
         out = out.append_column("latents", pa.array(latents, pa.binary()))
@@ -428,14 +396,12 @@ class TextEncodeActor:
         n, length, dim = emb.tokens.shape
         columns = {name: batch.column(name) for name in batch.column_names}
         columns["text_tokens"] = pa.array(
-            [_to_storage(emb.tokens[i], self.storage_dtype) for i in range(n)], pa.binary()
+            [to_storage(emb.tokens[i], self.storage_dtype) for i in range(n)], pa.binary()
         )
         columns["text_shape"] = pa.array([[length, dim]] * n, pa.list_(pa.int32()))
-        columns["text_mask"] = pa.array(
-            [emb.mask[i].numpy().astype(np.uint8).tobytes() for i in range(n)], pa.binary()
-        )
+        columns["text_mask"] = pa.array([mask_bytes(emb.mask[i]) for i in range(n)], pa.binary())
         columns["text_pooled"] = pa.array(
-            [_to_storage(emb.pooled[i], self.storage_dtype) for i in range(n)], pa.binary()
+            [to_storage(emb.pooled[i], self.storage_dtype) for i in range(n)], pa.binary()
         )
         return conform(pa.table(columns), LATENTS_SCHEMA)
 
@@ -583,9 +549,7 @@ def _write_meta(db: Database, cfg: PrepareConfig) -> None:
         "frame_stride": cfg.frame_stride,
         "micro_cond_names": ",".join(MICRO_COND_NAMES),
         "storage_dtype": cfg.storage_dtype,
-        "empty_tokens": _to_storage(empty.tokens[0], "float32"),
-        "empty_mask": empty.mask[0].numpy().astype(np.uint8).tobytes(),
-        "empty_pooled": _to_storage(empty.pooled[0], "float32"),
+        **empty_prompt_fields(empty.tokens[0], empty.mask[0], empty.pooled[0]),
     }
     name = meta_table_name(cfg.latents_table)
     if db.has_table(name):

@@ -21,11 +21,11 @@ import numpy as np
 
 from stiv_core.config import ConfigError, save_config, to_dict
 from training.config import RESUME_MODES, load_train_config
+from training.latents import read_meta
 from training.plan import (
     WorkerPlan,
     bucket_batch_sizes,
     check_tasks_fit,
-    read_latents_meta,
     resolve_model_config,
     resolve_scaling,
     resume_checkpoint,
@@ -58,7 +58,7 @@ def run_train(
     if resume not in RESUME_MODES:
         raise ConfigError(f"--resume: must be one of {list(RESUME_MODES)}, got {resume!r}")
     run_dir = Path(cfg.run_dir)
-    meta = read_latents_meta(cfg.db, cfg.latents_table)
+    meta = read_meta(cfg.db, cfg.latents_table)
     model_cfg = resolve_model_config(cfg, meta)
     db = Database(cfg.db)
     table_version = cfg.data.table_version or db.table(cfg.latents_table).version

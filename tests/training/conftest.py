@@ -181,7 +181,8 @@ def relative_run(tmp_path_factory) -> dict[str, Path]:
     snapshot has no caption and no DSG columns at all (for the CLI error checks)."""
     import os
 
-    from training.prepare import meta_table_name, run_prepare
+    from training.latents import meta_table_name
+    from training.prepare import run_prepare
 
     root = tmp_path_factory.mktemp("relative")
     make_tiny_text_encoder(root / "models" / "text")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from data_engine.store import Database
+from model.config import MICRO_COND_NAMES
 from training.encoders import PixelEncoder
 from training.prepare import (
-    MICRO_COND_NAMES,
     BucketConfig,
     choose_bucket,
     crop_and_resize,
@@ -180,13 +180,6 @@ def test_decode_windows_exact_frames_one_pass(tmp_path):
         assert red_x == pytest.approx([2 + i for i in windows[w]], abs=1)
     with pytest.raises(VideoError, match="truncated"):
         list(decode_windows(str(path), [[28, 30]]))
-
-
-def test_micro_cond_names_match_model():
-    """Prepare writes micro-conditions in the order the model embeds them."""
-    from model.config import MICRO_COND_NAMES as MODEL_NAMES
-
-    assert MODEL_NAMES == MICRO_COND_NAMES
 
 
 def test_tiny_text_encoder_words_become_single_tokens(tmp_path):

@@ -18,7 +18,8 @@ from stiv.cli import main
 from stiv_core.config import ConfigError, load_config
 from training.checkpoint import list_checkpoints, load_ema_state
 from training.config import TRAIN_PATH_FIELDS, TrainConfig, load_train_config
-from training.plan import read_latents_meta, resolve_model_config, resume_checkpoint
+from training.latents import read_meta
+from training.plan import resolve_model_config, resume_checkpoint
 
 
 def _fake_run(run_dir: Path, model: STIV, step: int = 10, **state) -> None:
@@ -95,7 +96,7 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
     monkeypatch.chdir(tmp_path)
     base = {"db": train_db, "run_dir": "runs/x", "model": {"preset": "stiv-tiny"}}
     model_cfg = resolve_model_config(
-        load_config(TrainConfig, base=base), read_latents_meta(train_db, "latents")
+        load_config(TrainConfig, base=base), read_meta(train_db, "latents")
     )
     torch.manual_seed(1)
     spatial, temporal = STIV(model_cfg), STIV(model_cfg)
