@@ -453,7 +453,7 @@ def read_image(path: str, height: int, width: int) -> np.ndarray:
 def read_video_frames(path: str, count: int, stride: int, height: int, width: int) -> np.ndarray:
     """The clip's first `count` frames at `stride`, (count, height, width, 3) uint8 RGB.
 
-    Decoded like `stiv prepare` decodes training clips (`training.prepare.decode_windows`):
+    Decoded like `stiv prepare` decodes training clips (`training.prepare_stages.decode_windows`):
     local paths and object stores (`s3://...`, credentials from `AWS_*`), frames rotated for
     display by their rotation metadata, so a portrait phone clip conditions as it is seen."""
     import cv2
@@ -461,7 +461,7 @@ def read_video_frames(path: str, count: int, stride: int, height: int, width: in
     from data_engine.store import storage_options_from_env
     from data_engine.video import VideoError
     from stiv_core.config import ConfigError
-    from training.prepare import decode_windows
+    from training.prepare_stages import decode_windows
 
     window = [i * stride for i in range(count)]
     try:

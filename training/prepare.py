@@ -25,386 +25,34 @@ actor and the driver writes them in one upsert, so no two workers commit to the 
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from data_engine import quarantine
-from data_engine.schema import conform
 from data_engine.store import Database
 from model.config import MICRO_COND_NAMES
-from stiv_core.config import ConfigError, load_config, save_config
+from stiv_core.config import ConfigError, save_config
 from stiv_core.ray_connect import connect_ray
 from stiv_core.uris import is_local
 from training.latents import (
     LATENTS_SCHEMA,
     empty_prompt_fields,
-    mask_bytes,
     meta_table_name,
-    to_storage,
 )
-from training.paths import resolve_path_fields
+from training.prepare_config import EncoderConfig, PrepareConfig, load_prepare_config
+from training.prepare_stages import (
+    FailureLog,
+    LatentEncodeActor,
+    TextEncodeActor,
+    choose_bucket,
+    decode_item,
+    stable_id,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Every path field of PrepareConfig (dotted), made absolute on the driver (training/paths.py):
-# decode tasks and encoder actors run in their own directories, and the encoder paths are
-# recorded in the meta table, so a run can be sampled from any working directory.
-PREPARE_PATH_FIELDS = ("image_dir", "encoder.vae_path", "encoder.text_path")
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class BucketConfig:
-    """One training shape; every sample of a bucket has exactly this shape."""
-
-    num_frames: int = 8  # pixel frames per sample (1 = an image bucket for T2I)
-    height: int = 32  # pixels
-    width: int = 32  # pixels
-
-    def __post_init__(self) -> None:
-        if self.num_frames < 1:
-            raise ValueError("num_frames: must be >= 1")
-        if self.height < 8 or self.width < 8:
-            raise ValueError("height/width: must be >= 8 pixels")
-
-    @property
-    def key(self) -> str:
-        return f"f{self.num_frames}x{self.height}x{self.width}"
-
-
-@dataclass
-class EncoderConfig:
-    """The frozen encoders (local directories only: no model hub here)."""
-
-    kind: Literal["pixel", "vae"] = "pixel"  # latent encoder: space-to-depth or AutoencoderKL
-    pixel_patch: int = 2  # space-to-depth block size in pixels (kind=pixel)
-    vae_path: str = ""  # local AutoencoderKL directory (kind=vae), e.g. sd-vae-ft-ema
-    text_path: str = ""  # local CLIP text model + tokenizer directory
-    text_max_length: int = 77  # tokens per caption (padded/truncated)
-    device: Literal["cpu", "cuda"] = "cpu"  # where the encoders run
-
-    def __post_init__(self) -> None:
-        if self.pixel_patch < 1:
-            raise ValueError("encoder.pixel_patch: must be >= 1")
-        if self.text_max_length < 2:
-            raise ValueError("encoder.text_max_length: must be >= 2 (BOS + EOS)")
-        if self.kind == "vae" and not self.vae_path:
-            raise ValueError("encoder.vae_path: required when encoder.kind is 'vae'")
-        if not self.text_path:
-            raise ValueError("encoder.text_path: a local CLIP text encoder directory is required")
-
-
-@dataclass
-class PrepareConfig:
-    """One training stage's data: which frames, at which shapes, through which encoders."""
-
-    snapshot: str = ""  # snapshot of the clips table to prepare (--snapshot overrides)
-    latents_table: str = "latents"  # output table in the same database
-    mode: Literal["video", "image"] = "video"  # video samples, or single frames for T2I
-    image_source: Literal["clips", "dir"] = (
-        "clips"  # image mode: middle frame of each clip, or a directory
-    )
-    image_dir: str = ""  # image mode with image_source=dir: images + same-stem .txt captions
-    frame_stride: int = 3  # keep one source frame of every `frame_stride` (paper: 3)
-    buckets: list[BucketConfig] = field(default_factory=lambda: [BucketConfig()])
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    caption_column: str = "caption"  # clips column holding the caption
-    storage_dtype: Literal["float32", "float16"] = "float32"  # latents/text bytes on disk
-    encode_batch_size: int = 8  # samples per encoder call
-    num_encoder_actors: int = 1  # actors per encoder pool (pre-sized: min == max)
-    encoder_num_cpus: float = 1.0  # CPUs reserved per encoder actor
-    decode_num_cpus: float = 1.0  # CPUs reserved per decode task
-    # Decode tasks running at once (0 = as many as the cluster's CPUs allow after the encoder
-    # actors, from ray.cluster_resources() at the start, so decoding scales with the cluster).
-    decode_concurrency: int = 0
-    max_attempts: int = 3  # tries per clip before prepare stops retrying a quarantined clip
-    # clips of one video decoded together (bounded: docs/design-notes.md "Bounded tasks and
-    # pre-sized pools")
-    clips_per_task: int = 16
-    decode_timeout_s: float = 600.0  # time budget for decoding one task's video
-
-    def __post_init__(self) -> None:
-        if self.frame_stride < 1:
-            raise ValueError("frame_stride: must be >= 1")
-        if not self.latents_table or not self.latents_table.replace("_", "").isalnum():
-            raise ValueError("latents_table: use letters, digits and '_'")
-        if not self.buckets:
-            raise ValueError("buckets: at least one bucket is required")
-        for bucket in self.buckets:
-            if self.mode == "image" and bucket.num_frames != 1:
-                raise ValueError("buckets: image mode needs num_frames == 1 in every bucket")
-            if self.mode == "video" and bucket.num_frames < 2:
-                raise ValueError("buckets: video mode needs num_frames >= 2 in every bucket")
-        if len({b.key for b in self.buckets}) != len(self.buckets):
-            raise ValueError("buckets: duplicate bucket shapes")
-        if self.mode == "image" and self.image_source == "dir" and not self.image_dir:
-            raise ValueError("image_dir: required when image_source is 'dir'")
-        if self.encode_batch_size < 1:
-            raise ValueError("encode_batch_size: must be >= 1")
-        if self.num_encoder_actors < 1:
-            raise ValueError("num_encoder_actors: must be >= 1")
-        if self.encoder_num_cpus <= 0 or self.decode_num_cpus <= 0:
-            raise ValueError("encoder_num_cpus/decode_num_cpus: must be > 0")
-        if self.decode_concurrency < 0:
-            raise ValueError("decode_concurrency: must be >= 0 (0 = derived from the cluster)")
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts: must be >= 1")
-        if self.clips_per_task < 1 or self.decode_timeout_s <= 0:
-            raise ValueError("clips_per_task/decode_timeout_s: must be >= 1 / > 0")
-
-
-# --------------------------------------------------------------------------- plain functions
-
-
-def choose_bucket(
-    height: int, width: int, num_source_frames: int, stride: int, buckets: list[BucketConfig]
-) -> BucketConfig | None:
-    """The bucket whose aspect ratio is closest to the clip's, among those the clip is long
-    enough for; ties go to more frames, then more pixels. None when no bucket fits."""
-    fitting = [b for b in buckets if (b.num_frames - 1) * stride + 1 <= num_source_frames]
-    if not fitting:
-        return None
-    aspect = math.log(width / height)
-    return min(
-        fitting,
-        key=lambda b: (
-            round(abs(math.log(b.width / b.height) - aspect), 6),
-            -b.num_frames,
-            -b.height * b.width,
-        ),
-    )
-
-
-def window_frames(start_frame: int, end_frame: int, num_frames: int, stride: int) -> list[int]:
-    """Source frame indices of the sample: `num_frames` at `stride`, centred in the clip."""
-    span = (num_frames - 1) * stride + 1
-    first = start_frame + (end_frame - start_frame - span) // 2
-    return [first + i * stride for i in range(num_frames)]
-
-
-def crop_box(height: int, width: int, bucket_height: int, bucket_width: int) -> tuple[int, ...]:
-    """Centred crop (top, left, crop_height, crop_width) in original pixels with the bucket's
-    aspect ratio, as large as the frame allows; resizing it gives the bucket's shape."""
-    scale = max(bucket_height / height, bucket_width / width)
-    crop_h = min(height, max(1, round(bucket_height / scale)))
-    crop_w = min(width, max(1, round(bucket_width / scale)))
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
-
-
-def crop_and_resize(frames: np.ndarray, bucket: BucketConfig) -> tuple[np.ndarray, list[float]]:
-    """(K, H, W, 3) uint8 -> ((K, bh, bw, 3) uint8, micro-conditions without the stride)."""
-    import cv2
-
-    _, height, width, _ = frames.shape
-    top, left, crop_h, crop_w = crop_box(height, width, bucket.height, bucket.width)
-    out = np.empty((frames.shape[0], bucket.height, bucket.width, 3), dtype=np.uint8)
-    for i, frame in enumerate(frames):
-        region = frame[top : top + crop_h, left : left + crop_w]
-        # INTER_AREA when shrinking avoids aliasing; cubic when growing.
-        interp = cv2.INTER_AREA if crop_h >= bucket.height else cv2.INTER_CUBIC
-        out[i] = cv2.resize(region, (bucket.width, bucket.height), interpolation=interp)
-    return out, [float(height), float(width), float(top), float(left), float(crop_h), float(crop_w)]
-
-
-def decode_windows(
-    uri: str,
-    windows: list[list[int]],
-    storage_options: dict[str, str] | None = None,
-    timeout_s: float = 600.0,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(window index, (K, H, W, 3) uint8 RGB frames) for frame-index windows of one video, in
-    one sequential decoding pass, each yielded as soon as its last frame is decoded.
-
-    A window may name a frame more than once; its frames come back in the window's order.
-    Decoding is the data engine's window decoder (`data_engine.video.decode_windows`): frames
-    counted by decoding order exactly as the split stage counts them, rotated for display like
-    the clips table's width and height, local paths and object stores, FFmpeg errors mapped to
-    VideoError, a truncated file named as such."""
-    from data_engine import video
-
-    def rotated_rgb(frame, index, stream) -> np.ndarray:
-        return video.apply_rotation(
-            frame.to_ndarray(format="rgb24"), video.rotation_from_frame(frame)
-        )
-
-    deadline = time.monotonic() + timeout_s
-    for w, frames in video.decode_windows(
-        uri, windows, rotated_rgb, "prepare", storage_options, timeout_s, deadline
-    ):
-        yield w, np.stack([frames[i] for i in windows[w]])
-
-
-def stable_id(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- Ray stages
-
-
-class FailureLog:
-    """Collects decode failures from every task (one Ray actor per prepare run); the driver
-    takes them at the end and upserts them into the quarantine table in one commit."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        self.rows.extend(rows)
-
-    def take(self) -> list[dict[str, Any]]:
-        rows, self.rows = self.rows, []
-        return rows
-
-
-class DecodeCrop:
-    """Reads one task item (a video, or an image, and its clips' windows and buckets); writes one
-    row per clip: frames cropped to the bucket (bytes) + micro_cond. Each video is decoded once
-    per task. A clip that cannot be decoded is sent to the failure log (a quarantine row, written
-    by the driver) instead of failing the job.
-    """
-
-    def __init__(
-        self,
-        storage_options: dict[str, str] | None,
-        stride: int,
-        timeout_s: float,
-        failure_log: Any = None,
-    ) -> None:
-        self.storage_options = storage_options
-        self.stride = stride
-        self.timeout_s = timeout_s
-        self.failure_log = failure_log  # FailureLog actor handle (None: raise instead)
-
-    def _quarantine(
-        self, item: dict[str, Any], clips: list[dict[str, Any]], err: Exception
-    ) -> None:
-        import ray
-
-        if self.failure_log is None:
-            raise err
-        rows = [
-            {
-                "uri": item["uri"],
-                "video_id": item.get("video_id") or clip["clip_id"],
-                "clip_id": clip["clip_id"],
-                "error_type": getattr(err, "error_type", type(err).__name__),
-                "message": str(err),
-            }
-            for clip in clips
-        ]
-        ray.get(self.failure_log.add.remote(rows))  # recorded before the task reports done
-
-    def _row(self, clip: dict[str, Any], frames: np.ndarray) -> dict[str, Any]:
-        bucket = BucketConfig(int(clip["num_frames"]), int(clip["height"]), int(clip["width"]))
-        cropped, micro = crop_and_resize(frames, bucket)
-        # Frame stride is a micro-condition of videos; images have none (0).
-        stride = float(self.stride if bucket.num_frames > 1 else 0)
-        return {
-            "clip_id": clip["clip_id"],
-            "caption": clip["caption"],
-            "bucket": bucket.key,
-            "num_frames": bucket.num_frames,
-            "height": bucket.height,
-            "width": bucket.width,
-            "frames": cropped.tobytes(),
-            "micro_cond": [*micro, stride],
-        }
-
-    def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        from data_engine.video import VideoError
-
-        clips = item["clips"]
-        out: list[dict[str, Any]] = []
-        try:
-            if item["source"] == "image":
-                import cv2
-
-                image = cv2.imread(item["uri"], cv2.IMREAD_COLOR)
-                if image is None:
-                    raise VideoError(
-                        "prepare", "unreadable_image", f"cannot read image {item['uri']}"
-                    )
-                return [self._row(clips[0], np.ascontiguousarray(image[None, :, :, ::-1]))]
-            windows = [
-                window_frames(c["start_frame"], c["end_frame"], c["num_frames"], self.stride)
-                for c in clips
-            ]
-            for w, frames in decode_windows(
-                item["uri"], windows, self.storage_options, self.timeout_s
-            ):
-                out.append(self._row(clips[w], frames))
-        except (VideoError, ValueError, OSError) as err:
-            done = {row["clip_id"] for row in out}
-            self._quarantine(item, [c for c in clips if c["clip_id"] not in done], err)
-        return out
-
-
-class LatentEncodeActor:
-    """Reads `frames`; writes `latents` + `latent_shape` (the frozen encoder loads once)."""
-
-    def __init__(self, encoder: dict[str, Any], storage_dtype: str) -> None:
-        from training.encoders import build_latent_encoder
-
-        cfg = EncoderConfig(**encoder)
-        self.encoder = build_latent_encoder(cfg.kind, cfg.vae_path, cfg.pixel_patch, cfg.device)
-        self.storage_dtype = storage_dtype
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        latents, shapes = [None] * len(rows), [None] * len(rows)
-        # Encode samples of one bucket together (equal shapes stack).
-        by_bucket: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_bucket.setdefault(row["bucket"], []).append(i)
-        for indices in by_bucket.values():
-            first = rows[indices[0]]
-            shape = (first["num_frames"], first["height"], first["width"], 3)
-            frames = np.stack(
-                [np.frombuffer(rows[i]["frames"], np.uint8).reshape(shape) for i in indices]
-            )
-            z = self.encoder.encode(frames).numpy()  # (n, C, T, h, w)
-            for j, i in enumerate(indices):
-                latents[i] = to_storage(z[j], self.storage_dtype)
-                shapes[i] = list(z.shape[1:])
-        out = batch.drop_columns(["frames"])
-        out = out.append_column("latents", pa.array(latents, pa.binary()))
-        return out.append_column("latent_shape", pa.array(shapes, pa.list_(pa.int32())))
-
-
-class TextEncodeActor:
-    """Reads `caption`; writes text tokens, mask and pooled EOS embedding (loads once)."""
-
-    def __init__(self, encoder: dict[str, Any], storage_dtype: str) -> None:
-        from training.encoders import TextEncoder
-
-        cfg = EncoderConfig(**encoder)
-        self.encoder = TextEncoder(
-            cfg.text_path, "encoder.text_path", cfg.text_max_length, device=cfg.device
-        )
-        self.storage_dtype = storage_dtype
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        emb = self.encoder.encode([str(c) for c in batch.column("caption").to_pylist()])
-        n, length, dim = emb.tokens.shape
-        columns = {name: batch.column(name) for name in batch.column_names}
-        columns["text_tokens"] = pa.array(
-            [to_storage(emb.tokens[i], self.storage_dtype) for i in range(n)], pa.binary()
-        )
-        columns["text_shape"] = pa.array([[length, dim]] * n, pa.list_(pa.int32()))
-        columns["text_mask"] = pa.array([mask_bytes(emb.mask[i]) for i in range(n)], pa.binary())
-        columns["text_pooled"] = pa.array(
-            [to_storage(emb.pooled[i], self.storage_dtype) for i in range(n)], pa.binary()
-        )
-        return conform(pa.table(columns), LATENTS_SCHEMA)
-
 
 # --------------------------------------------------------------------------- driver
 
@@ -561,20 +209,6 @@ def _write_meta(db: Database, cfg: PrepareConfig) -> None:
                     f"this config gives {row[key]!r}; use a new latents_table"
                 )
     db.write(name, pa.Table.from_pylist([row]), mode="overwrite")
-
-
-def load_prepare_config(
-    config_path: str | Path | None, overrides: list[str] | None = None
-) -> PrepareConfig:
-    """The prepare config with every path field absolute (the one place they are resolved)."""
-    cfg = load_config(PrepareConfig, config_path, overrides)
-    resolve_path_fields(cfg, PREPARE_PATH_FIELDS)
-    return cfg
-
-
-def decode_item(item: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
-    """One decode task (Ray Data flat_map): `DecodeCrop(**kwargs)(item)`."""
-    return DecodeCrop(**kwargs)(item)
 
 
 def decode_concurrency(cfg: PrepareConfig, resources: dict[str, float]) -> int:

@@ -9,13 +9,13 @@ import torch
 from data_engine.store import Database
 from model.config import MICRO_COND_NAMES
 from training.encoders import PixelEncoder
-from training.prepare import (
-    BucketConfig,
+from training.prepare import run_prepare
+from training.prepare_config import BucketConfig
+from training.prepare_stages import (
     choose_bucket,
     crop_and_resize,
     crop_box,
     decode_windows,
-    run_prepare,
     window_frames,
 )
 
@@ -249,7 +249,8 @@ def test_decode_concurrency_scales_with_the_cluster():
     """Decoding is no longer one actor for the whole cluster: by default every CPU left after
     the encoder pools decodes; a configured value wins."""
     from stiv_core.config import load_config
-    from training.prepare import PrepareConfig, decode_concurrency
+    from training.prepare import decode_concurrency
+    from training.prepare_config import PrepareConfig
 
     def cfg(**fields):
         return load_config(PrepareConfig, base={"encoder": {"text_path": "t"}, **fields})

@@ -27,7 +27,7 @@ from training.data import plan_epoch, steps_per_epoch
 from training.loop import initialise_from
 from training.optim import EMA, AdaFactor, optimizer_state_bytes, warmup_constant
 from training.plan import resolve_model_config, resolve_scaling
-from training.prepare import PrepareConfig
+from training.prepare_config import PrepareConfig
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 
