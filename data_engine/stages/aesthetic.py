@@ -8,21 +8,19 @@ published `sac+logos+ava1-l14-linearMSE.pth` (trained on ViT-L/14 embeddings, 76
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from data_engine.frames import ClipFrames
-from data_engine.stages.base import ClipInput, Stage, StageError, score_frames_or_each
+from data_engine.stages.base import StageError
 from data_engine.stages.clip_config import (
     ClipModelConfig,
     checkpoint_provenance,
-    require_clip_weights,
     require_file,
 )
+from data_engine.stages.clip_stage import ClipScorer, ClipStage
 
 
 @dataclass
@@ -72,7 +70,7 @@ def load_aesthetic_head(path: str, input_dim: int, key: str = "aesthetic.head_pa
     return head.eval()
 
 
-class AestheticScorer:
+class AestheticScorer(ClipScorer):
     """Reads sampled frames; writes `aesthetic_score` (mean over frames) and its provenance."""
 
     name: ClassVar[str] = "aesthetic"
@@ -90,50 +88,35 @@ class AestheticScorer:
         embed_dim = int(self.model.visual.output_dim)
         self.head = load_aesthetic_head(cfg.head_path, embed_dim).to(cfg.clip.device)
         head_provenance = checkpoint_provenance(cfg.head_path)
-        self._provenance = {
-            "clip": clip_provenance,
-            "head": head_provenance,
-            "num_frames": cfg.num_frames,
-            "frame_aggregation": "mean",
-            "seeded_test_weights": bool(
-                clip_provenance["seeded_test_weights"] or head_provenance["seeded_test_weights"]
-            ),
-        }
-        self._provenance_json = json.dumps(self._provenance, sort_keys=True)
+        self.set_provenance(
+            {
+                "clip": clip_provenance,
+                "head": head_provenance,
+                "num_frames": cfg.num_frames,
+                "frame_aggregation": "mean",
+                "seeded_test_weights": bool(
+                    clip_provenance["seeded_test_weights"] or head_provenance["seeded_test_weights"]
+                ),
+            }
+        )
 
-    def provenance(self) -> dict[str, Any]:
-        return self._provenance
-
-    def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
+    def score_embeddings(self, embeddings: np.ndarray) -> dict[str, Any]:
         import torch
 
-        from data_engine.stages.clip_model import encode_clips
-
-        embeddings = encode_clips(
-            self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
-        )
-        rows: list[dict[str, Any]] = []
-        for emb in embeddings:
-            if len(emb) == 0:
-                rows.append({"error": "aesthetic: clip has no sampled frames"})
-                continue
-            x = torch.from_numpy(emb).to(self.cfg.clip.device)  # (K, D), already unit norm
-            with torch.inference_mode():
-                per_frame = self.head(x).float().cpu().numpy()  # (K,)
-            rows.append(
-                {
-                    "aesthetic_score": float(np.mean(per_frame)),
-                    "aesthetic_provenance": self._provenance_json,
-                }
-            )
-        return rows
+        x = torch.from_numpy(embeddings).to(self.cfg.clip.device)  # (K, D), already unit norm
+        with torch.inference_mode():
+            per_frame = self.head(x).float().cpu().numpy()  # (K,)
+        return {
+            "aesthetic_score": float(np.mean(per_frame)),
+            "aesthetic_provenance": self.provenance_json,
+        }
 
 
-class AestheticStage(Stage):
+class AestheticStage(ClipStage):
     """The `aesthetic` stage: aesthetic_score, the LAION head on CLIP ViT-L-14 frame embeddings."""
 
     name: ClassVar[str] = "aesthetic"
-    runs_on: ClassVar[str] = "actor"
+    scorer_class: ClassVar[type[ClipScorer]] = AestheticScorer
     sections: ClassVar[dict[str, type]] = {"aesthetic": AestheticConfig}
 
     @classmethod
@@ -142,11 +125,5 @@ class AestheticStage(Stage):
 
     @classmethod
     def check_ready(cls, cfg: Any) -> None:
-        require_clip_weights(cfg.aesthetic.clip, "aesthetic.clip")
+        super().check_ready(cfg)
         require_file(cfg.aesthetic.head_path, "aesthetic.head_path")
-
-    def setup(self) -> None:
-        self.scorer = AestheticScorer(self.cfg.aesthetic)
-
-    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
-        return score_frames_or_each(batch, self.scorer.score_clips)

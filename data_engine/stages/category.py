@@ -8,20 +8,17 @@ template such as "a photo of {}." beats the bare label).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from data_engine.frames import ClipFrames
-from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
 from data_engine.stages.clip_config import (
     ClipModelConfig,
     normalize_rows,
-    require_clip_weights,
 )
+from data_engine.stages.clip_stage import ClipScorer, ClipStage
 
 DEFAULT_LABELS = [
     "people",
@@ -69,7 +66,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class CategoryScorer:
+class CategoryScorer(ClipScorer):
     """Reads sampled frames; writes `category`, `category_score` and provenance."""
 
     name: ClassVar[str] = "category"
@@ -95,60 +92,35 @@ class CategoryScorer:
         prompts = [cfg.prompt_template.format(label) for label in cfg.labels]
         self.label_embeddings = encode_texts(self.model, tokenizer, prompts)  # (L, D)
         self.logit_scale = logit_scale_of(self.model)
-        self._provenance = {
-            "clip": clip_provenance,
-            "labels": list(cfg.labels),
-            "prompt_template": cfg.prompt_template,
-            "num_frames": cfg.num_frames,
-            "score": "softmax over labels of logit_scale * cosine(mean frame embedding, prompt)",
-            "seeded_test_weights": clip_provenance["seeded_test_weights"],
-        }
-        self._provenance_json = json.dumps(self._provenance, sort_keys=True)
-
-    def provenance(self) -> dict[str, Any]:
-        return self._provenance
-
-    def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
-        from data_engine.stages.clip_model import encode_clips
-
-        embeddings = encode_clips(
-            self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
+        self.set_provenance(
+            {
+                "clip": clip_provenance,
+                "labels": list(cfg.labels),
+                "prompt_template": cfg.prompt_template,
+                "num_frames": cfg.num_frames,
+                "score": "softmax over labels of logit_scale * cosine(mean frame embedding, prompt)",
+                "seeded_test_weights": clip_provenance["seeded_test_weights"],
+            }
         )
-        rows: list[dict[str, Any]] = []
-        for emb in embeddings:
-            if len(emb) == 0:
-                rows.append({"error": "category: clip has no sampled frames"})
-                continue
-            clip_vec = normalize_rows(emb.mean(axis=0, keepdims=True))  # (1, D)
-            probs = softmax(self.logit_scale * clip_vec @ self.label_embeddings.T)[0]  # (L,)
-            best = int(np.argmax(probs))
-            rows.append(
-                {
-                    "category": self.cfg.labels[best],
-                    "category_score": float(probs[best]),
-                    "category_provenance": self._provenance_json,
-                }
-            )
-        return rows
+
+    def score_embeddings(self, embeddings: np.ndarray) -> dict[str, Any]:
+        clip_vec = normalize_rows(embeddings.mean(axis=0, keepdims=True))  # (1, D)
+        probs = softmax(self.logit_scale * clip_vec @ self.label_embeddings.T)[0]  # (L,)
+        best = int(np.argmax(probs))
+        return {
+            "category": self.cfg.labels[best],
+            "category_score": float(probs[best]),
+            "category_provenance": self.provenance_json,
+        }
 
 
-class CategoryStage(Stage):
+class CategoryStage(ClipStage):
     """The `category` stage: the CLIP zero-shot label of each clip."""
 
     name: ClassVar[str] = "category"
-    runs_on: ClassVar[str] = "actor"
+    scorer_class: ClassVar[type[ClipScorer]] = CategoryScorer
     sections: ClassVar[dict[str, type]] = {"category": CategoryConfig}
 
     @classmethod
     def output_schema(cls, cfg: Any) -> pa.Schema:
         return CategoryScorer.output_schema
-
-    @classmethod
-    def check_ready(cls, cfg: Any) -> None:
-        require_clip_weights(cfg.category.clip, "category.clip")
-
-    def setup(self) -> None:
-        self.scorer = CategoryScorer(self.cfg.category)
-
-    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
-        return score_frames_or_each(batch, self.scorer.score_clips)

@@ -7,21 +7,18 @@ cosine similarity of consecutive sampled frames) and `embedding_provenance`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from data_engine.frames import ClipFrames
-from data_engine.stages.base import ClipInput, Stage, score_frames_or_each
 from data_engine.stages.clip_config import (
     ClipModelConfig,
     clip_embed_dim,
     normalize_rows,
-    require_clip_weights,
 )
+from data_engine.stages.clip_stage import ClipScorer, ClipStage
 
 
 @dataclass
@@ -71,7 +68,7 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
     )
 
 
-class EmbeddingScorer:
+class EmbeddingScorer(ClipScorer):
     """Reads sampled frames; writes `clip_embedding`, `temporal_consistency` and provenance.
 
     The class-level `output_schema` has a variable-length embedding list because the width
@@ -97,44 +94,29 @@ class EmbeddingScorer:
         )
         self.embed_dim = int(self.model.visual.output_dim)
         self.output_schema = embedding_schema(self.embed_dim)
-        self._provenance = {
-            "clip": clip_provenance,
-            "num_frames": cfg.num_frames,
-            "clip_embedding": "L2-normalised mean of L2-normalised frame embeddings",
-            "temporal_consistency": "mean cosine of consecutive sampled frames",
-            "seeded_test_weights": clip_provenance["seeded_test_weights"],
-        }
-        self._provenance_json = json.dumps(self._provenance, sort_keys=True)
-
-    def provenance(self) -> dict[str, Any]:
-        return self._provenance
-
-    def score_clips(self, clips: list[ClipFrames]) -> list[dict[str, Any]]:
-        from data_engine.stages.clip_model import encode_clips
-
-        embeddings = encode_clips(
-            self.model, self.preprocess, clips, self.cfg.num_frames, self.cfg.clip.batch_size
+        self.set_provenance(
+            {
+                "clip": clip_provenance,
+                "num_frames": cfg.num_frames,
+                "clip_embedding": "L2-normalised mean of L2-normalised frame embeddings",
+                "temporal_consistency": "mean cosine of consecutive sampled frames",
+                "seeded_test_weights": clip_provenance["seeded_test_weights"],
+            }
         )
-        rows: list[dict[str, Any]] = []
-        for emb in embeddings:
-            if len(emb) == 0:
-                rows.append({"error": "embedding: clip has no sampled frames"})
-                continue
-            rows.append(
-                {
-                    "clip_embedding": clip_embedding_of(emb).tolist(),
-                    "temporal_consistency": temporal_consistency_of(emb),
-                    "embedding_provenance": self._provenance_json,
-                }
-            )
-        return rows
+
+    def score_embeddings(self, embeddings: np.ndarray) -> dict[str, Any]:
+        return {
+            "clip_embedding": clip_embedding_of(embeddings).tolist(),
+            "temporal_consistency": temporal_consistency_of(embeddings),
+            "embedding_provenance": self.provenance_json,
+        }
 
 
-class EmbeddingStage(Stage):
+class EmbeddingStage(ClipStage):
     """The `embedding` stage: clip_embedding (mean CLIP frame embedding) and temporal_consistency."""
 
     name: ClassVar[str] = "embedding"
-    runs_on: ClassVar[str] = "actor"
+    scorer_class: ClassVar[type[ClipScorer]] = EmbeddingScorer
     sections: ClassVar[dict[str, type]] = {"embedding": EmbeddingConfig}
 
     @classmethod
@@ -142,13 +124,3 @@ class EmbeddingStage(Stage):
         return embedding_schema(
             clip_embed_dim(cfg.embedding.clip.model_name, cfg.embedding.clip.model_config_path)
         )
-
-    @classmethod
-    def check_ready(cls, cfg: Any) -> None:
-        require_clip_weights(cfg.embedding.clip, "embedding.clip")
-
-    def setup(self) -> None:
-        self.scorer = EmbeddingScorer(self.cfg.embedding)
-
-    def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
-        return score_frames_or_each(batch, self.scorer.score_clips)

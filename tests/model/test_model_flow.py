@@ -21,15 +21,6 @@ from model.flow import (
 from model.network import STIV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_conventions_t0_noise_t1_data_target_is_derivative():
     x1, eps = torch.randn(3, 4, 2, 4, 4), torch.randn(3, 4, 2, 4, 4)
     torch.testing.assert_close(interpolate(x1, eps, torch.zeros(3)), eps)

@@ -8,15 +8,6 @@ from model.init import inherit_rope_base, init_both, init_video_from_image, is_t
 from model.network import STIV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randomised(cfg, seed):
     torch.manual_seed(seed)
     m = STIV(cfg)

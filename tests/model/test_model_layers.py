@@ -1,6 +1,5 @@
 """RoPE (shift invariance, interpolation), QK-norm attention, stateless norms."""
 
-import pytest
 import torch
 
 from model.layers import (
@@ -13,15 +12,6 @@ from model.layers import (
     rope_cos_sin,
     stateless_layer_norm,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _attn(seed=0, dim=32, heads=2):

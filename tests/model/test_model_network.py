@@ -9,15 +9,6 @@ from model.flow import random_spatial_mask
 from model.network import STIV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(seed=0, **overrides):
     """Tiny model with every parameter perturbed (the final layer and temporal gates start at
     zero, which would make most comparisons trivial)."""

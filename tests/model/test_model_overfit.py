@@ -10,15 +10,6 @@ from model.flow import first_frames_mask, training_loss
 from model.network import STIV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("predict_clean", [False, True])
 def test_tiny_model_overfits_one_batch(predict_clean):
     torch.manual_seed(0)

@@ -9,16 +9,6 @@ from model.flow import endpoints_mask, first_frames_mask, interpolate, shift_tim
 from model.network import STIV
 from model.sampling import cfg_combine, sample
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a loaded machine (10-100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SHAPE = (2, 4, 4, 8, 8)
 
 
