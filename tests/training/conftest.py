@@ -148,28 +148,18 @@ def write_fake_run(run_dir: Path, meta: dict, preset: str = "stiv-tiny", step: i
     """A run directory in the layout training writes (EMA weights, model config, train state,
     encoders from a latents meta row), with a seeded untrained model: enough for generation,
     export and resume checks without a Ray Train run."""
-    import json
-
     import torch
-    from safetensors.torch import save_file
 
     from model.config import get_preset
     from model.network import STIV
-    from training.checkpoint import write_encoders
+    from tests.helpers.runs import write_checkpoint
 
     torch.manual_seed(0)
     model = STIV(
         get_preset(preset, in_channels=int(meta["latent_channels"]), text_dim=int(meta["text_dim"]),
                    max_text_tokens=int(meta["text_len"]))
     )  # fmt: skip
-    ckpt = run_dir / f"checkpoint_{step:08d}"
-    ckpt.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors")
-    )
-    (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
-    (ckpt / "train_state.json").write_text(json.dumps({"step": step, "table_version": 1}))
-    write_encoders(ckpt, meta)
+    write_checkpoint(run_dir, model, step, meta)
     return run_dir
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from model.config import get_preset
 from model.network import STIV
 from stiv_core.config import ConfigError, load_config
+from tests.helpers.runs import write_checkpoint
 from training.checkpoint import (
     export_ema,
     latest_checkpoint,
@@ -123,17 +124,6 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db, ray_clus
     )
 
 
-def _fake_run(run_dir: Path, model: STIV, step: int = 10) -> None:
-    """A checkpoint directory in the layout training writes (EMA + model config + state)."""
-    ckpt = run_dir / f"checkpoint_{step:08d}"
-    ckpt.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors")
-    )
-    (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
-    (ckpt / "train_state.json").write_text(json.dumps({"step": step, "table_version": 1}))
-
-
 def test_stage_initialisation_modes(tmp_path):
     """Each init_from mode loads what the recipe says: t2v_from_t2i copies the T2I weights with
     the patch embedding inflated and temporal gates at zero (so a repeated-image video gives the
@@ -147,7 +137,7 @@ def test_stage_initialisation_modes(tmp_path):
     image = STIV(image_cfg)
     for p in image.parameters():  # non-trivial weights (the final layer starts at zero)
         p.data.normal_(std=0.05)
-    _fake_run(tmp_path / "t2i", image)
+    write_checkpoint(tmp_path / "t2i", image)
     cfg = load_config(
         TrainConfig,
         base={
@@ -179,7 +169,7 @@ def test_stage_initialisation_modes(tmp_path):
         out_video = video(frame.repeat(1, 1, 4, 1, 1), *args)
     torch.testing.assert_close(out_video, out_image.repeat(1, 1, 4, 1, 1), rtol=1e-4, atol=1e-5)
 
-    _fake_run(tmp_path / "t2v", video)
+    write_checkpoint(tmp_path / "t2v", video)
     plain = load_config(
         TrainConfig,
         base={
@@ -196,7 +186,7 @@ def test_stage_initialisation_modes(tmp_path):
     other = STIV(video_cfg)
     for p in other.parameters():
         p.data.normal_(std=0.05)
-    _fake_run(tmp_path / "t2v-other", other)
+    write_checkpoint(tmp_path / "t2v-other", other)
     both = load_config(
         TrainConfig,
         base={

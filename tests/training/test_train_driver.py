@@ -6,31 +6,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from model.network import STIV
 from stiv.cli import main
 from stiv_core.config import ConfigError, load_config
+from tests.helpers.runs import write_checkpoint
 from training.checkpoint import list_checkpoints, load_ema_state
 from training.config import TRAIN_PATH_FIELDS, TrainConfig, load_train_config
 from training.latents import read_meta
 from training.plan import resolve_model_config, resume_checkpoint
-
-
-def _fake_run(run_dir: Path, model: STIV, step: int = 10, **state) -> None:
-    """A checkpoint directory in the layout training writes (EMA + model config + state)."""
-    ckpt = run_dir / f"checkpoint_{step:08d}"
-    ckpt.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "ema.safetensors")
-    )
-    (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
-    (ckpt / "train_state.json").write_text(json.dumps({"step": step, "table_version": 1, **state}))
 
 
 def _path_like_fields(cls, prefix: str = "") -> list[str]:
@@ -69,7 +57,7 @@ def test_resume_modes_and_world_size_check(tmp_path):
     with pytest.raises(ConfigError, match="--resume=require: no checkpoint"):
         resume_checkpoint(tmp_path / "fresh", "require", 1, 0)
     model = STIV(_tiny())
-    _fake_run(tmp_path / "run", model, step=4, world_size=2, seed=0)
+    write_checkpoint(tmp_path / "run", model, step=4, world_size=2, seed=0)
     assert resume_checkpoint(tmp_path / "run", "auto", 2, 0)[0] == 4
     with pytest.raises(ConfigError, match="2 ranks, this run has 1"):
         resume_checkpoint(tmp_path / "run", "auto", 1, 0)
@@ -102,8 +90,8 @@ def test_cli_resume_on_fresh_run_and_relative_both_init(
     spatial, temporal = STIV(model_cfg), STIV(model_cfg)
     for p in [*spatial.parameters(), *temporal.parameters()]:
         p.data.normal_(std=0.05)
-    _fake_run(tmp_path / "runs/t2i-512", spatial)
-    _fake_run(tmp_path / "runs/t2v-256", temporal)
+    write_checkpoint(tmp_path / "runs/t2i-512", spatial)
+    write_checkpoint(tmp_path / "runs/t2v-256", temporal)
     config = tmp_path / "both.yaml"
     config.write_text(
         yaml.safe_dump(
