@@ -46,7 +46,7 @@ def test_every_tiny_yaml_runs_after_tiny_models(tmp_path, monkeypatch, ray_clust
     assert (tmp_path / "models/tiny-clip-text/config.json").is_file()
 
     prepares = sorted(PIPELINES.glob("prepare-tiny*.yaml"))
-    # The application stages need stride-1 long clips: tests/training/test_apps_pipelines.py.
+    # The application stages need stride-1 long clips: test_apps_demo.py runs each two steps.
     trains = [PIPELINES / f"train-{stage}-tiny-cpu.yaml" for stage in STAGE_ORDER]
     assert len(prepares) == 2 and all(p.is_file() for p in trains)
     for config in prepares:
