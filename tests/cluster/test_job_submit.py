@@ -60,7 +60,10 @@ class DashboardCluster(LocalCluster):
             cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout_s,
         )  # fmt: skip
         if out.returncode != 0 or "succeeded" not in out.stdout.lower():
-            pytest.fail(f"{' '.join(entrypoint[:2])}: rc {out.returncode}\n{out.stdout[-5000:]}")
+            pytest.fail(
+                f"{' '.join(entrypoint[:2])}: rc {out.returncode}\n{out.stdout[-5000:]}\n"
+                f"{out.stderr[-3000:]}"
+            )
         return out.stdout
 
 
