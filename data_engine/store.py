@@ -52,6 +52,10 @@ _INDEXED = {VIDEOS: {"video_id": "BTREE", "status": "BITMAP"}, CLIPS: {"video_id
 # (2.0): 2.1 was no faster here (1M rows: count 8.8 vs 9.9 ms, fetch 31.8 vs 31.3 ms; 10M
 # rows: 133 vs 88 ms and 428 vs 247 ms, same run as above).
 _FRAGMENT_ROWS = 1 << 20
+# `stiv db optimize --cluster-by COLUMN` remembers its column under this table-metadata key;
+# CLUSTER_NONE forgets it.
+_CLUSTER_KEY = "stiv.cluster_by"
+CLUSTER_NONE = "none"
 
 
 class StoreError(RuntimeError):
@@ -206,17 +210,34 @@ class Database:
         if stale:
             ds.optimize.optimize_indices(index_names=stale)
 
-    def optimize(self, tables: list[str] | None = None) -> dict[str, dict[str, int]]:
+    def optimize(
+        self, tables: list[str] | None = None, cluster_by: str | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Compact each table's fragments, fold new rows into its indexes and drop versions
         older than the current one, except those a snapshot's Lance tag pins (cleanup never
-        removes a tagged version). Returns per table: fragments before/after, versions
+        removes a tagged version). With `cluster_by` (remembered in the table's metadata, so a
+        later optimize keeps clustering; "none" forgets it) each fragment's rows are also
+        sorted by that column, so its zone map prunes whole zones for filters on it (see
+        `cluster`). Returns per table: fragments before/after, fragments clustered, versions
         removed, bytes freed."""
-        report: dict[str, dict[str, int]] = {}
-        for name in tables or self.tables():
+        names = tables or self.tables()
+        if cluster_by is not None and cluster_by != CLUSTER_NONE:
+            holders = [n for n in names if cluster_by in self.table(n).schema.names]
+            if not holders:
+                raise StoreError(
+                    f"--cluster-by {cluster_by!r}: no table has this column "
+                    f"(tables: {', '.join(names) or 'none'})"
+                )
+            for name in holders:
+                _check_orderable(self.table(name), cluster_by)
+        report: dict[str, dict[str, Any]] = {}
+        for name in names:
             ds = self.table(name)
             before = len(ds.get_fragments())
             versions_before = len(ds.versions())
             ds.optimize.compact_files(target_rows_per_fragment=_FRAGMENT_ROWS)
+            column = self._cluster_column(name, cluster_by)
+            clustered = self.cluster(name, column) if column else 0
             self.ensure_indexes(name)
             ds = self.table(name)
             stats = ds.cleanup_old_versions(
@@ -226,11 +247,76 @@ class Database:
             report[name] = {
                 "fragments_before": before,
                 "fragments_after": len(ds.get_fragments()),
+                "cluster_by": column,
+                "fragments_clustered": clustered,
                 "versions_before": versions_before,
                 "versions_removed": stats.old_versions,
                 "bytes_removed": stats.bytes_removed,
             }
         return report
+
+    def _cluster_column(self, table: str, cluster_by: str | None) -> str | None:
+        """The column `table` is clustered by: `cluster_by` when given (and remembered in the
+        table's metadata), else the remembered one; None for no clustering."""
+        ds = self.table(table)
+        if cluster_by is None:
+            column = ds.metadata.get(_CLUSTER_KEY)
+            return column if column and column in ds.schema.names else None
+        if cluster_by == CLUSTER_NONE:
+            if _CLUSTER_KEY in ds.metadata:
+                ds.update_metadata({_CLUSTER_KEY: None})
+            return None
+        if cluster_by not in ds.schema.names:
+            return None
+        if ds.metadata.get(_CLUSTER_KEY) != cluster_by:
+            ds.update_metadata({_CLUSTER_KEY: cluster_by})
+        return cluster_by
+
+    def cluster(self, table: str, column: str) -> int:
+        """Sort the rows of every fragment of `table` not yet in `column` order (ascending,
+        nulls last), give the column a ZONEMAP index, and return the fragments rewritten.
+
+        Why: scores are not ordered by the order clips are curated in, so a zone map on an
+        unclustered table prunes nothing and every filter scans every row. Sorted within each
+        fragment (about a million rows after compaction), a filter on `column` reads only the
+        zones whose range it can match (bench/query.py: 10M rows, `aesthetic_score > 7.5 AND
+        ...`, docs/design-notes.md "Lance"). Lance's compaction has no sort order, so this
+        writes the sorted fragments itself and commits them as one Rewrite: rows appended
+        meanwhile are kept (they are not in the rewritten fragments), a concurrent delete or
+        update of the same fragments makes the commit fail instead of being lost. Indexes that
+        covered the old fragments fall back to scanning the new ones until `ensure_indexes`
+        folds them in. Memory: one fragment at a time, all its columns."""
+        ds = self.table(table)
+        _check_orderable(ds, column)
+        groups = []
+        for fragment in ds.get_fragments():
+            keys = fragment.to_table(columns=[column])[column]
+            if _in_order(keys):
+                continue
+            rows = fragment.to_table()
+            rows = rows.take(pc.sort_indices(rows, sort_keys=[(column, "ascending", "at_end")]))
+            new = lance.fragment.write_fragments(
+                rows,
+                ds,
+                schema=ds.schema,
+                max_rows_per_file=max(rows.num_rows, 1),
+                storage_options=self.storage_options,
+            )
+            groups.append(lance.LanceOperation.RewriteGroup([fragment.metadata], new))
+        if groups:
+            try:
+                lance.LanceDataset.commit(
+                    ds.uri,
+                    lance.LanceOperation.Rewrite(groups, []),
+                    read_version=ds.version,
+                    storage_options=self.storage_options,
+                )
+            except (ValueError, OSError, RuntimeError) as err:
+                raise StoreError(f"--cluster-by {column!r}: {_first_line(err)}") from None
+            ds = self.table(table)
+        if not any(column in i.field_names for i in ds.describe_indices()):
+            ds.create_scalar_index(column, "ZONEMAP")
+        return len(groups)
 
     # -- queries ---------------------------------------------------------------------------
     def query(
@@ -414,6 +500,23 @@ def _count(ds: lance.LanceDataset, where: str | None) -> int:
         ).count_rows()
     except (ValueError, OSError, RuntimeError) as err:
         raise StoreError(f"--where {where!r}: {_first_line(err)}") from None
+
+
+def _check_orderable(ds: lance.LanceDataset, column: str) -> None:
+    field = ds.schema.field(column)
+    if pa.types.is_nested(field.type) or pa.types.is_binary(field.type):
+        raise StoreError(f"--cluster-by {column!r}: a {field.type} column has no sort order")
+
+
+def _in_order(keys: pa.ChunkedArray) -> bool:
+    """True when `keys` is ascending with its nulls last (a clustered fragment)."""
+    num_valid = len(keys) - keys.null_count
+    if keys.slice(num_valid).null_count != len(keys) - num_valid:
+        return False  # a null before a value
+    valid = keys.slice(0, num_valid)
+    if num_valid < 2:
+        return True
+    return bool(pc.all(pc.less_equal(valid.slice(0, num_valid - 1), valid.slice(1))).as_py())
 
 
 def _tag(snapshot_name: str) -> str:

@@ -207,11 +207,15 @@ class StivDatabase:
                 dataset_options={"version": ds.version},
             )
 
-    def optimize(self, tables: list[str] | None = None) -> dict[str, dict[str, int]]:
+    def optimize(
+        self, tables: list[str] | None = None, cluster_by: str | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Compact, refresh indexes and drop old versions no snapshot pins (`stiv db
-        optimize`); returns per table fragments before/after and versions removed."""
+        optimize`); with `cluster_by`, also sort each fragment by that column so filters on
+        it prune (remembered by later calls; "none" stops). Returns per table fragments
+        before/after, fragments clustered and versions removed."""
         with _query_errors():
-            return self.store.optimize(tables)
+            return self.store.optimize(tables, cluster_by)
 
 
 def open(uri: str | Path, storage_options: dict[str, str] | None = None) -> StivDatabase:

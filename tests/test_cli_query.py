@@ -103,3 +103,10 @@ def test_db_optimize_keeps_snapshots_readable(db_uri, capsys):
     assert code == 0 and json.loads(out)[CLIPS]["fragments_after"] == 1
     assert _run(capsys, "query", "--db", db_uri, "--snapshot", "keep", "--count")[1] == "10\n"
     assert _run(capsys, "query", "--db", db_uri, "--count")[1] == "13\n"
+
+
+def test_db_optimize_cluster_by(db_uri, capsys):
+    code, out, _ = _run(capsys, "db", "optimize", "--db", db_uri, "--cluster-by", "clip_id")
+    assert code == 0 and "clips: 1 -> 1 fragments, clustered by clip_id" in out
+    code, _, err = _run(capsys, "db", "optimize", "--db", db_uri, "--cluster-by", "nope")
+    assert code == 2 and "--cluster-by 'nope': no table has this column" in err

@@ -144,6 +144,64 @@ def test_optimize_keeps_tagged_versions_and_drops_the_rest(db):
     assert db.count(CLIPS) == 110
 
 
+def _scores(table: pa.Table) -> list[float | None]:
+    return table["aesthetic_score"].to_pylist()
+
+
+def test_cluster_by_sorts_fragments_keeps_rows_and_snapshots_and_prunes(tmp_path):
+    """`stiv db optimize --cluster-by aesthetic_score`: every fragment ends up sorted by the
+    column (nulls last), the rows and their values are those of before, a snapshot taken
+    before still reads its rows, the column gets a zone map the filter uses, and the choice
+    is remembered: rows appended later are clustered by the next plain optimize."""
+    db = Database(tmp_path / "db")
+    rows = _clips(0, 60).append_column("video_id", pa.array([f"v{i // 6}" for i in range(60)]))
+    scores = _scores(rows)
+    scores[7] = scores[31] = None  # nulls sort last
+    rows = rows.set_column(2, "aesthetic_score", pa.array(scores, pa.float32()))
+    db.write(CLIPS, rows)
+    db.ensure_indexes(CLIPS)
+    db.create_snapshot("before", "aesthetic_score > 6")
+    pinned = sorted(db.read_snapshot("before", ["clip_id"])["clip_id"].to_pylist())
+    every = db.query(CLIPS).sort_by("clip_id")
+
+    report = db.optimize([CLIPS], cluster_by="aesthetic_score")[CLIPS]
+    assert report["cluster_by"] == "aesthetic_score" and report["fragments_clustered"] == 1
+    stored = db.table(CLIPS).to_table()
+    assert _scores(stored)[-2:] == [None, None]
+    assert _scores(stored)[:-2] == sorted(s for s in scores if s is not None)
+    assert db.query(CLIPS).sort_by("clip_id").equals(every)
+    assert sorted(db.read_snapshot("before", ["clip_id"])["clip_id"].to_pylist()) == pinned
+    assert db.count(CLIPS, "video_id = 'v3'") == 6  # its BTREE after the rewrite
+    plan = db.table(CLIPS).scanner(filter="aesthetic_score > 6", columns=[]).explain_plan()
+    assert "ZoneMap" in plan
+
+    db.write(CLIPS, _clips(100, 20))  # unsorted by aesthetic_score
+    again = db.optimize([CLIPS])[CLIPS]
+    assert again["cluster_by"] == "aesthetic_score" and again["fragments_clustered"] == 1
+    fragments = [f.to_table() for f in db.table(CLIPS).get_fragments()]
+    assert sum(f.num_rows for f in fragments) == 80
+    for fragment in fragments:  # sorted within each fragment, nulls last
+        scores = _scores(fragment)
+        valid = [s for s in scores if s is not None]
+        assert scores == valid + [None] * (len(scores) - len(valid)) and valid == sorted(valid)
+    assert db.count(CLIPS, "aesthetic_score > 6") == sum(
+        s is not None and s > 6 for f in fragments for s in _scores(f)
+    )
+    db.optimize([CLIPS])  # may merge the two sorted fragments into one, sorted again
+    assert db.optimize([CLIPS])[CLIPS]["fragments_clustered"] == 0  # already in order
+    assert db.optimize([CLIPS], cluster_by="none")[CLIPS]["cluster_by"] is None
+    assert db.optimize([CLIPS])[CLIPS]["cluster_by"] is None
+
+
+def test_cluster_by_rejects_unknown_and_unordered_columns(db):
+    with pytest.raises(StoreError, match=r"--cluster-by 'nope': no table has this column"):
+        db.optimize(cluster_by="nope")
+    db.write(CLIPS, pa.table({"clip_id": ["e"], "tags": [["a"]]}))
+    with pytest.raises(StoreError, match=r"--cluster-by 'tags': a list<item: string> column"):
+        db.optimize(cluster_by="tags")
+    assert db.table(CLIPS).metadata.get("stiv.cluster_by") is None
+
+
 def test_ensure_indexes_refreshes_after_appends(tmp_path):
     """Issue 14: scalar indexes were never refreshed after appends, so new rows were scanned
     without them. After `ensure_indexes`, the index covers every row again."""
