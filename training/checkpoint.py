@@ -134,6 +134,9 @@ def export_ema(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
         "encoders": json.dumps(info),
         "step": str(step),
         "source": str(ckpt),
+        # The tasks it was trained on, so generating from the file uses their strides as
+        # generating from the run does (training/generate.py `Generator.task_stride`).
+        "tasks": json.dumps(run_tasks(run_dir)),
     }
     tensors = {k: v.contiguous() for k, v in state.items()}
     # The empty prompt travels with the weights (JIT-CFG's unconditional pass needs it).
@@ -141,6 +144,25 @@ def export_ema(run_dir: str | Path, out: str | Path) -> dict[str, Any]:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     return {"out": str(out), "step": step, "parameters": sum(v.numel() for v in state.values())}
+
+
+def run_tasks(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The training tasks (`objective.tasks` of the resolved config) of a run directory or of
+    a file `export_ema` wrote; [] for a stage without tasks or a file exported before the
+    tasks travelled with it."""
+    import yaml
+
+    path = Path(checkpoint)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            return list(json.loads((handle.metadata() or {}).get("tasks") or "[]"))
+    config_path = path / "resolved_config.yaml"
+    if not config_path.is_file():
+        return []
+    config = yaml.safe_load(config_path.read_text()) or {}
+    return list((config.get("objective") or {}).get("tasks") or [])
 
 
 def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:

@@ -155,7 +155,7 @@ class Generator:
     """A loaded checkpoint with its encoders, ready to sample many prompts."""
 
     def __init__(self, checkpoint: str, device: str = "cpu") -> None:
-        from training.checkpoint import load_ema_model, load_encoders
+        from training.checkpoint import load_ema_model, load_encoders, run_tasks
 
         model, config = load_ema_model(checkpoint, device=device)
         self._setup(model, config, *load_encoders(checkpoint), device)
@@ -186,13 +186,13 @@ class Generator:
         )
         self.frame_stride = int(self.info.get("frame_stride") or 1)  # the prepare stride
         self.device = device
-        self.tasks: list[dict[str, Any]] = []  # the run's training tasks (run_tasks)
+        self.tasks: list[dict[str, Any]] = []  # the run's training tasks (checkpoint.run_tasks)
 
     def task_stride(self, mode: str) -> int:
         """The frame-stride micro-condition (source frames) a sampling call of `mode` (a key of
         MODE_TASKS) uses: the prepare stride times the stride of the run's matching task, by
         name first, then by given pattern; the prepare stride when no task matches (T2V/TI2V
-        stages, exported files)."""
+        stages)."""
         names, pattern = MODE_TASKS[mode]
         by_name = {t["name"]: t for t in self.tasks}
         task = next((by_name[n] for n in names if n in by_name), None)
@@ -278,19 +278,6 @@ class Generator:
         from training.encoders import tensor_to_frames
 
         return tensor_to_frames(self.latent.decode(latents.cpu()))
-
-
-def run_tasks(checkpoint: str | Path) -> list[dict[str, Any]]:
-    """The training tasks of a run directory (`objective.tasks` of its resolved config), so
-    generation uses the strides they were trained at; [] for an exported file or a stage
-    without tasks."""
-    import yaml
-
-    path = Path(checkpoint) / "resolved_config.yaml"
-    if not path.is_file():
-        return []
-    config = yaml.safe_load(path.read_text()) or {}
-    return list((config.get("objective") or {}).get("tasks") or [])
 
 
 # ---------------------------------------------------------------------------- applications

@@ -12,7 +12,8 @@ import pytest
 
 from demos import apps_demo, multiview
 from demos.train_demo import held_out_combos, training_specs
-from training.checkpoint import list_checkpoints
+from training.checkpoint import export_ema, list_checkpoints, run_tasks
+from training.generate import Generator
 
 
 def test_held_out_clips_are_unseen_combinations_at_the_generation_size() -> None:
@@ -73,3 +74,8 @@ def test_apps_demo_end_to_end_at_a_tiny_scale(tmp_path, demo_run, capsys) -> Non
     latents = result["details"]["data"]
     assert latents["clips"]["multiview"] == 8 and latents["latents"] == 48
     assert (tmp_path / "figures" / "apps-long.png").is_file()
+    # An exported file carries its run's tasks: it samples the TUP at the run's stride.
+    weights = tmp_path / "tup.safetensors"
+    export_ema(root / "runs" / "tup", weights)
+    assert run_tasks(weights) == run_tasks(root / "runs" / "tup") != []
+    assert Generator(str(weights)).task_stride("upsample") == 2  # prepare stride 1 x task 2
