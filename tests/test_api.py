@@ -101,6 +101,10 @@ def test_optimize_and_tables(tmp_path):
     assert db.tables() == [CLIPS]
     assert db.optimize()[CLIPS]["fragments_after"] == 1
     assert db.count() == 3
+    Database(tmp_path / "db").write(CLIPS, pa.table({"clip_id": ["b"]}))
+    report = db.optimize(cluster_by="clip_id")[CLIPS]
+    assert report["cluster_by"] == "clip_id" and report["fragments_clustered"] == 1
+    assert db.query(columns=["clip_id"])["clip_id"].to_pylist() == ["b", "c0", "c1", "c2"]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +128,7 @@ def test_optimize_and_tables(tmp_path):
         (lambda db: db.to_ray_dataset(columns=["nope"]), r"unknown column 'nope'"),
         (lambda db: db.to_ray_dataset(snapshot="missing"), r"no such snapshot"),
         (lambda db: db.optimize(["nope"]), r"table 'nope' not found"),
+        (lambda db: db.optimize(cluster_by="nope"), r"--cluster-by 'nope': no table has"),
     ],
 )
 def test_every_api_error_is_a_one_line_query_error(db_uri, call, message):
