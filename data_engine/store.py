@@ -222,14 +222,14 @@ class Database:
         removed, bytes freed."""
         names = tables or self.tables()
         if cluster_by is not None and cluster_by != CLUSTER_NONE:
-            holders = [n for n in names if cluster_by in self.table(n).schema.names]
+            holders = [ds for ds in map(self.table, names) if cluster_by in ds.schema.names]
             if not holders:
                 raise StoreError(
                     f"--cluster-by {cluster_by!r}: no table has this column "
                     f"(tables: {', '.join(names) or 'none'})"
                 )
-            for name in holders:
-                _check_orderable(self.table(name), cluster_by)
+            for ds in holders:
+                _check_orderable(ds, cluster_by)
         report: dict[str, dict[str, Any]] = {}
         for name in names:
             ds = self.table(name)

@@ -29,6 +29,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 TRAIN_STATE_FILE = "train_state.json"
 ENCODERS_FILE = "encoders.json"
 NULL_TEXT_FILE = "null_text.safetensors"
+RESOLVED_CONFIG_FILE = "resolved_config.yaml"  # in the run directory, written by stiv train
 
 
 class CheckpointError(FileNotFoundError):
@@ -158,7 +159,7 @@ def run_tasks(checkpoint: str | Path) -> list[dict[str, Any]]:
 
         with safe_open(str(path), "pt") as handle:
             return list(json.loads((handle.metadata() or {}).get("tasks") or "[]"))
-    config_path = path / "resolved_config.yaml"
+    config_path = path / RESOLVED_CONFIG_FILE
     if not config_path.is_file():
         return []
     config = yaml.safe_load(config_path.read_text()) or {}

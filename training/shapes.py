@@ -221,8 +221,11 @@ def midpoint_errors(frames: np.ndarray, colour: str, filled: list[int]) -> list[
     return errors
 
 
+MIDPOINT_TOLERANCE_PX = 2.0  # the interpolation test's bound on a filled frame's centroid
+
+
 def midpoint_hits(
-    frames: np.ndarray, colour: str, filled: list[int], tolerance_px: float = 2.0
+    frames: np.ndarray, colour: str, filled: list[int], tolerance_px: float = MIDPOINT_TOLERANCE_PX
 ) -> list[bool]:
     """Per scored filled frame: its centroid lies within `tolerance_px` of its neighbours'
     midpoint (a missing centroid is a miss)."""

@@ -50,7 +50,7 @@ def run_train(
     from data_engine.store import Database
     from model.info import param_shapes
     from stiv_core.ray_connect import connect_ray
-    from training.checkpoint import list_checkpoints
+    from training.checkpoint import RESOLVED_CONFIG_FILE, list_checkpoints
     from training.loop import train_worker
 
     start_s = time.time()
@@ -74,7 +74,7 @@ def run_train(
         resumed = resume_checkpoint(run_dir, resume, scaling["num_workers"], cfg.seed, batch_sizes)
         checkpoints = [resumed] if resumed else []
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "resolved_config.yaml")
+        save_config(cfg, run_dir / RESOLVED_CONFIG_FILE)
         (run_dir / "model_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=1))
         plan = WorkerPlan(
             config=to_dict(cfg),
