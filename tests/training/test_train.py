@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,12 +78,6 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db, ray_clus
         [f"run_dir={interrupted}", "max_steps=4", "debug_kill_rank=1", "debug_kill_at_step=2"],
     )
     resumed = run_train(config, [f"run_dir={interrupted}"], resume="require")
-    # A wall-clock budget already spent at the first metric line: every rank stops at step 1
-    # and that step is checkpointed (the CPU train-demo keeps to its time limit this way).
-    timed = run_train(config, [f"run_dir={tmp_path / 'runs' / 'timed'}", "max_minutes=1e-6"])
-    assert timed["steps"] == 1 and [
-        s for s, _ in list_checkpoints(tmp_path / "runs" / "timed")
-    ] == [1]
 
     assert (
         summary["steps"] == 6 and summary["num_workers"] == 2 and summary["cpus_per_worker"] == 0.5
@@ -122,6 +118,48 @@ def test_ray_train_zero2_resume_and_worker_recovery(tmp_path, train_db, ray_clus
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values())
     )
+
+
+def _budget_rank(rank: int, init_file: str, run_dir: str, results: str) -> None:
+    """One of two gloo ranks logging step 1 under a spent (or no) time budget."""
+    import torch.distributed as dist
+
+    from training.loop import MetricLog, Place
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # What MetricLog.log reads of the DeepSpeed engine and its schedule.
+    trained = SimpleNamespace(
+        engine=SimpleNamespace(get_global_grad_norm=lambda: 1.0),
+        scheduler=SimpleNamespace(get_last_lr=lambda: [1e-3]),
+    )
+    stops = []
+    for minutes in (1e-6, 0.0):
+        cfg = load_config(
+            TrainConfig, base={"db": run_dir, "run_dir": run_dir, "max_minutes": minutes}
+        )
+        log = MetricLog(cfg, get_preset("stiv-tiny"), Place(rank, 2, torch.device("cpu"), False), 0)
+        time.sleep(0.01)
+        stops.append(log.log(1, torch.tensor(1.0), trained, None))  # type: ignore[arg-type]
+        log.close()
+    Path(results, f"rank{rank}.json").write_text(json.dumps(stops))
+    dist.destroy_process_group()
+
+
+def test_spent_time_budget_stops_every_rank_at_the_same_step(tmp_path):
+    """`max_minutes`: only rank 0's clock decides, and the metric line's all-reduce tells every
+    rank, so all ranks stop at the same step instead of one waiting forever in a collective
+    (real gloo, 2 processes). The loop's stop and its last checkpoint run end to end in
+    test_tiny_pipelines.py."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _budget_rank,
+        args=(str(tmp_path / "init"), str(tmp_path / "run"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [True, False]
 
 
 def test_stage_initialisation_modes(tmp_path):
