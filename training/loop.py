@@ -86,6 +86,20 @@ class Engine:
     last_loss: torch.Tensor | None = None  # this rank's last loss (a tensor: no sync per step)
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce.
+
+    DeepSpeed's CPU backend JIT-builds that op with gcc when its process group starts, though
+    only tensor-parallel inference (`inference_all_reduce`) uses it; training reduces through
+    torch.distributed (gloo). The build took 24-120 s per worker on 2 cores: in every fresh
+    environment, and again whenever another environment's sources had been built into the
+    shared torch_extensions cache. Marking the op incompatible is the path DeepSpeed itself
+    takes on a machine that cannot build it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build(cfg: TrainConfig, model_cfg, plan: WorkerPlan, place: Place, restoring: bool) -> Engine:
     """The model (same initial weights on every rank), its start (`init_from`, skipped when a
     checkpoint will be restored), the optimizer and warm-up schedule, wrapped in DeepSpeed."""
@@ -116,6 +130,8 @@ def build(cfg: TrainConfig, model_cfg, plan: WorkerPlan, place: Place, restoring
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
+    if not place.use_gpu:
+        skip_shm_comm_build()
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

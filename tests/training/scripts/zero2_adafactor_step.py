@@ -12,6 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from training.loop import skip_shm_comm_build
 from training.optim import AdaFactor, attach_zero_partitions
 
 GLOBAL_BATCH, STEPS = 8, 4
@@ -31,6 +32,7 @@ def model_and_data() -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Te
 
 def main() -> None:
     out, attach = sys.argv[1], "--no-attach" not in sys.argv
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, batches = model_and_data()
