@@ -11,6 +11,7 @@
 The last line printed is one JSON object with the figures (accuracies as fractions).
 
     python -m demos.train_demo [--root runs/demo] [--steps-scale 1.0] [--videos-per-combo 6]
+                               [--sampling-steps 25]
 
 Held-out: 8 of the 48 (colour, shape, direction) combinations never appear in training, so
 the prompts measured were never seen verbatim (each colour and direction was, in other
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps-scale", type=float, default=1.0)
     parser.add_argument("--videos-per-combo", type=int, default=6)
     parser.add_argument("--seeds-per-prompt", type=int, default=4)
+    parser.add_argument("--sampling-steps", type=int, default=25, help="steps per generated video")
     parser.add_argument("--batch-size", type=int, help="per-rank batch for every stage")
     parser.add_argument("--figures", default="docs", help="where the PNG strips go")
     parser.add_argument("--fresh", action="store_true", help="delete --root first")
@@ -237,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(root)
     data = build_data(root, args.videos_per_combo)
     minutes = train_stages(root, args.steps_scale, args.batch_size)
-    result = evaluate(root, seeds_per_prompt=args.seeds_per_prompt, figures=Path(args.figures))
+    result = evaluate(
+        root, args.seeds_per_prompt, steps=args.sampling_steps, figures=Path(args.figures)
+    )
     result["train_minutes"] = round(minutes, 2)
     result["data"] = {"videos": data["videos"], "clips": data["clips"]}
     print(json.dumps(result))

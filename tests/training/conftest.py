@@ -239,6 +239,7 @@ def demo_run(tmp_path_factory, ray_session) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("train_demo")
     result = train_demo(
         ["--root", str(root), "--steps-scale", "0.001", "--videos-per-combo", "1",
-         "--seeds-per-prompt", "1", "--batch-size", "4", "--figures", str(root / "figures")]
+         "--seeds-per-prompt", "1", "--sampling-steps", "2", "--batch-size", "4",
+         "--figures", str(root / "figures")]
     )  # fmt: skip
     return root, result
