@@ -57,11 +57,13 @@ class BrightnessStage(Stage):
 
 
 class SlowTaskStage(Stage):
-    """A toy in-pass stage that takes `SECONDS` on any clip of a video named `slow*`."""
+    """A toy in-pass stage that holds any clip of a video named `slow*` for up to `SECONDS`,
+    until the test releases it (a file `RELEASE` beside the inputs' directory)."""
 
     name: ClassVar[str] = "slowpoke"
     runs_on: ClassVar[str] = "task"
     SECONDS: ClassVar[float] = 25.0
+    RELEASE: ClassVar[str] = "release-slowpoke"
 
     @classmethod
     def output_schema(cls, cfg: Any) -> pa.Schema:
@@ -71,8 +73,10 @@ class SlowTaskStage(Stage):
         out = []
         for item in batch:
             slow = Path(item.row["uri"]).name.startswith("slow")
-            if slow:
-                time.sleep(self.SECONDS)
+            release = Path(item.row["uri"]).parent.parent / self.RELEASE
+            deadline = time.monotonic() + self.SECONDS
+            while slow and not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
             out.append({"slowpoke_s": self.SECONDS if slow else 0.0})
         return out
 
@@ -192,6 +196,7 @@ def test_a_slow_video_does_not_delay_the_commit_of_the_others(
                 break
         time.sleep(0.2)
     slow_finished_first = done.is_set()
+    (tmp_path / SlowTaskStage.RELEASE).touch()
     worker.join(timeout=120)
     assert {"moving.mp4", "cuts.mp4"} <= seen and "slow.mp4" not in seen
     assert not slow_finished_first
