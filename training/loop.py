@@ -94,7 +94,8 @@ def skip_shm_comm_build() -> None:
     torch.distributed (gloo). The build took 24-120 s per worker on 2 cores: in every fresh
     environment, and again whenever another environment's sources had been built into the
     shared torch_extensions cache. Marking the op incompatible is the path DeepSpeed itself
-    takes on a machine that cannot build it."""
+    takes on a machine that cannot build it (docs/design-notes.md "Ray Train and DeepSpeed on
+    the CPU")."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
