@@ -135,15 +135,20 @@ class LocalCluster:
         node.log.close()  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
-        for node in reversed(self.nodes):
-            if node.poll() is None:
-                # SIGTERM lets `ray start --block` stop its node's processes itself.
-                os.killpg(node.pid, signal.SIGTERM)
-                try:
-                    node.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(node.pid, signal.SIGKILL)
-                    node.wait(timeout=10)
+        # SIGTERM lets `ray start --block` stop its node's processes itself; all nodes at once,
+        # so the waits overlap. A head node never finishes within 15 s here, so the grace is
+        # short: every process of the node is in its group, which SIGKILL then ends.
+        running = [node for node in self.nodes if node.poll() is None]
+        for node in running:
+            os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        for node in running:
+            try:
+                node.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait(timeout=10)
+        for node in self.nodes:
             node.log.close()  # type: ignore[attr-defined]
             # Stragglers of the group (workers mid-task), if any outlived their raylet.
             with contextlib.suppress(ProcessLookupError):
