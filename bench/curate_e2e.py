@@ -6,6 +6,7 @@ backwards to 24 s: real texture and camera motion, no cut), in one run, fresh da
 - `stiv curate DIR --stages probe,split,motion,clarity` (Ray start-up included), then `+ocr`;
 - the PySceneDetect CLI (`scenedetect -i X detect-adaptive list-scenes`), two files at a time;
 - a plain PyAV decode of every frame to full-size RGB, two processes at a time;
+- the floor: the same decode with no conversion at all (every frame decoded, nothing else);
 - the same `stiv curate` on 4N copies, to show how the cost grows (time and peak memory).
 
 Prints each wall time and the ratios (targets in docs/design-notes.md "Curation speed").
@@ -111,6 +112,7 @@ DECODE = (
     "    s = c.streams.video[0]; s.thread_type = 'AUTO'\n"
     "    n = sum(1 for f in c.decode(s) if f.to_ndarray(format='rgb24') is not None)\n"
 )
+DECODE_ONLY = DECODE.replace("if f.to_ndarray(format='rgb24') is not None", "")
 
 
 def curate(videos: Path, work: Path, stages: str) -> tuple[float, int]:
@@ -145,11 +147,13 @@ def main() -> None:
              for f in files]
         )  # fmt: skip
         decode_s = two_at_a_time([[sys.executable, "-c", DECODE, str(f)] for f in files])
+        floor_s = two_at_a_time([[sys.executable, "-c", DECODE_ONLY, str(f)] for f in files])
         ours_s, ours_mem = curate(videos, work, "probe,split,motion,clarity")
         ocr_s, _ = curate(videos, work, "probe,split,motion,clarity,ocr")
 
         print(f"PySceneDetect CLI, 2 at a time (split only):  {cli_s:7.1f} s")
         print(f"PyAV decode to RGB, 2 at a time:              {decode_s:7.1f} s")
+        print(f"PyAV decode only (no conversion), 2 at a time: {floor_s:6.1f} s")
         print(f"stiv curate probe,split,motion,clarity:       {ours_s:7.1f} s")
         print(f"stiv curate ... + ocr:                        {ocr_s:7.1f} s")
         print(
@@ -157,6 +161,8 @@ def main() -> None:
         )
         print(f"ratio stiv / PyAV decode to RGB:  {ours_s / decode_s:.2f}x  (target <= 1.1)")
         print(f"ratio with ocr / without:         {ocr_s / ours_s:.2f}x  (target <= 1.3)")
+        print(f"ratio stiv / decode only (floor): {ours_s / floor_s:.2f}x")
+        print(f"ratio CLI / decode only (floor):  {cli_s / floor_s:.2f}x")
 
         if not args.no_growth:
             for i in range(n, 4 * n):
