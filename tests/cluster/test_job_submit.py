@@ -165,7 +165,14 @@ def test_curate_prepare_then_train_through_losing_a_node(
     result = _last_json(trained, "run_dir")
     assert result["steps"] == steps and result["num_workers"] == 2
     assert kill_after <= logged_at_kill < steps, "the node must die mid-run"
-    assert "restart" in trained.lower() or "fail" in trained.lower(), trained[-3000:]
+    # Rank 0 prints its batch sizes once per worker-group start, into Ray's worker logs (one
+    # session directory for both nodes here): the first start plus at least one restart.
+    logs = cluster.temp_dir / "session_latest" / "logs"
+    starts = sum(
+        p.read_text(errors="replace").count("per-rank batch sizes: ")
+        for p in logs.glob("worker-*.out")
+    )
+    assert starts >= 2, f"{starts} worker-group start(s) logged under {logs}"
     metrics = [json.loads(ln) for ln in metrics_file.read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert list_checkpoints(run_dir)[-1][0] == steps
