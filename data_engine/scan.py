@@ -175,18 +175,32 @@ def sampling_provenance(cfg: Any) -> str:
     return json.dumps(policy, sort_keys=True)
 
 
-def clip_row(info: VideoInfo, start: int, end: int, provenance: str) -> dict[str, Any]:
-    """The core clip columns (`data_engine.schema.CLIP_CORE_SCHEMA`) of [start, end)."""
+def clip_row(
+    info: VideoInfo,
+    start: int,
+    end: int,
+    provenance: str,
+    start_s: float | None = None,
+    end_s: float | None = None,
+) -> dict[str, Any]:
+    """The core clip columns (`data_engine.schema.CLIP_CORE_SCHEMA`) of [start, end).
+
+    `start_s` is the timestamp of frame `start` and `end_s` that of frame `end` (the first
+    frame after the clip), both from the stream's start: with a variable frame rate (phones,
+    screen recordings) frame / fps drifts from where the frames really are. Without both, or
+    when they run backwards (a broken file), both are frame / fps."""
     fps = info.fps or 1.0
+    if start_s is None or end_s is None or end_s <= start_s:
+        start_s, end_s = start / fps, end / fps
     return {
         "clip_id": clip_id_for(info.video_id, start, end),
         "video_id": info.video_id,
         "uri": info.uri,
         "start_frame": start,
         "end_frame": end,
-        "start_s": start / fps,
-        "end_s": end / fps,
-        "duration_s": (end - start) / fps,
+        "start_s": start_s,
+        "end_s": end_s,
+        "duration_s": end_s - start_s,
         "fps": info.fps,
         "width": info.width,
         "height": info.height,
@@ -284,11 +298,18 @@ def _scan(
         out_w, out_h = sample_size(*info.coded_size, sampling.max_side)
         reformatter = VideoReformatter()
         start_s = stream_start_s(stream)
+        # Timestamps of the frames a clip may still start or end at (shots close late), and
+        # where the last decoded frame ends: a clip's start_s and end_s are real timestamps.
+        times: dict[int, float] = {}
+        video_end_s = 0.0
 
         def close(segments) -> Iterator[ClipResult]:
             for segment in segments:
                 for start, end in shape_segment(segment, info.fps, split):
-                    clip = ClipResult(clip_row(info, start, end, provenance), None)
+                    row = clip_row(
+                        info, start, end, provenance, times.get(start), times.get(end, video_end_s)
+                    )
+                    clip = ClipResult(row, None)
                     if keep_frames:
                         try:
                             pairs, clip.frames = shot.take(start, end, sampling)
@@ -301,20 +322,23 @@ def _scan(
                     yield clip
             if tracker.open_start != shot.anchor:
                 shot.restart(tracker.open_start)
+            if segments:
+                for old in [i for i in times if i < tracker.open_start]:
+                    del times[old]
 
         index = 0
         frame = first
+        period_s = 1.0 / (info.fps or 1.0)
         try:
             while frame is not None:
+                time_s = frame_time_s(frame, start_s, index, info.fps)
+                times[index] = time_s
+                video_end_s = max(video_end_s, time_s + period_s)
                 image = frame_to_array(frame, det_w, det_h, "bgr24", reformatter, sharp=False)
                 yield from close(tracker.push(index, image))
                 if keep_frames and not tracker.in_dark and shot.wants(index):
                     rgb = frame_to_array(frame, out_w, out_h, "rgb24", reformatter)
-                    shot.add(
-                        index,
-                        apply_rotation(rgb, info.rotation_deg),
-                        frame_time_s(frame, start_s, index, info.fps),
-                    )
+                    shot.add(index, apply_rotation(rgb, info.rotation_deg), time_s)
                 frame = next(frames, None)
                 index += 1
         except VideoError as err:

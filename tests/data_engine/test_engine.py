@@ -227,6 +227,61 @@ def test_a_long_video_passes_a_per_second_budget_that_a_fixed_one_would_fail(
     assert end.error is not None and end.error.error_type == "timeout"
 
 
+def _write_vfr_video(path: Path, gaps_ms: list[int]) -> Path:
+    """H.264 in Matroska whose frames are `gaps_ms` apart (a variable frame rate, as phones
+    record): colour ramps and a moving square, with a hard cut halfway."""
+    from fractions import Fraction
+
+    import av
+
+    columns, rows = np.arange(160)[None, :], np.arange(96)[:, None]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i, gap in enumerate(gaps_ms):
+            image = np.zeros((96, 160, 3), np.uint8)
+            image[..., 0] = (columns * 3 + i * 4) % 256
+            image[..., 1] = rows * 2
+            if i >= len(gaps_ms) // 2:
+                image[..., 0], image[..., 2] = 255 - image[..., 0], 200
+            x = (i * 5) % 140
+            image[10:30, x : x + 20] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+            pts += gap
+        container.mux(stream.encode())
+    return path
+
+
+def test_clip_times_are_the_frames_timestamps_at_a_variable_frame_rate(tmp_path: Path) -> None:
+    """start_s and end_s are the timestamps of a clip's first frame and of the frame after it
+    (the video's end for the last clip), not frame / fps: here every third frame comes 90 ms
+    after the one before and the others 20 ms, so frame / fps would drift by ~0.1 s a clip."""
+    import av
+
+    gaps = [90 if i % 3 == 0 else 20 for i in range(120)]
+    path = _write_vfr_video(tmp_path / "vfr.mkv", gaps)
+    with av.open(str(path)) as container:
+        times = [float(f.time) for f in container.decode(video=0)]
+    cfg = _config("probe,split", "split.min_clip_s=1.0")
+    *clips, end = scan_video(str(path), cfg, [], keep_frames=False)
+    assert end.error is None and len(clips) == 2
+    for clip in clips:
+        row = clip.row
+        assert row["start_s"] == pytest.approx(times[row["start_frame"]], abs=1e-6)
+        if row["end_frame"] < len(times):
+            assert row["end_s"] == pytest.approx(times[row["end_frame"]], abs=1e-6)
+        else:
+            assert row["end_s"] == pytest.approx(times[-1] + 1 / end.info.fps, abs=1e-6)
+        assert row["duration_s"] == pytest.approx(row["end_s"] - row["start_s"])
+    # frame / fps would be off by more than a frame's gap here.
+    first = clips[0].row
+    assert abs(first["end_frame"] / end.info.fps - first["end_s"]) > 0.05
+
+
 class StallingReader:
     """A file object that delivers its first bytes and then stalls, as a hung object-store
     read does (each read waits longer than the whole budget)."""
