@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
@@ -738,11 +739,14 @@ def write_video(
     fps: int = 25,
     rotation_deg: int = 0,
     crf: int = 18,
+    frame_gaps_ms: Sequence[int] | None = None,
 ) -> Path:
     """Encode RGB uint8 frames (H, W, 3) to H.264 mp4.
 
     rotation_deg: clockwise display rotation stored in the display matrix (not applied to the
     pixels), the way phones store portrait video.
+    frame_gaps_ms: milliseconds from each frame to the next, a variable frame rate as phones
+    record it (None: 1 / fps apart).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -751,7 +755,8 @@ def write_video(
     container = av.open(str(path), mode="w", options=options)
     try:
         stream = None
-        for image in frames:
+        pts_ms = 0
+        for index, image in enumerate(frames):
             if stream is None:
                 height, width = image.shape[:2]
                 stream = container.add_stream("libx264", rate=fps)
@@ -761,7 +766,12 @@ def write_video(
                 if rotation_deg:
                     # PyAV's angle is counter-clockwise (as read back in VideoFrame.rotation).
                     stream.set_display_rotation(-rotation_deg)
+                if frame_gaps_ms is not None:
+                    stream.codec_context.time_base = Fraction(1, 1000)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if frame_gaps_ms is not None:
+                frame.pts, frame.time_base = pts_ms, Fraction(1, 1000)
+                pts_ms += frame_gaps_ms[index]
             container.mux(stream.encode(frame))
         if stream is None:
             raise ValueError("write_video: no frames")

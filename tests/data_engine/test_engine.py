@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -227,33 +228,18 @@ def test_a_long_video_passes_a_per_second_budget_that_a_fixed_one_would_fail(
     assert end.error is not None and end.error.error_type == "timeout"
 
 
-def _write_vfr_video(path: Path, gaps_ms: list[int]) -> Path:
-    """H.264 in Matroska whose frames are `gaps_ms` apart (a variable frame rate, as phones
-    record): colour ramps and a moving square, with a hard cut halfway."""
-    from fractions import Fraction
-
-    import av
-
+def _ramps_with_a_cut(num_frames: int) -> Iterator[np.ndarray]:
+    """Colour ramps and a moving square, with a hard cut halfway."""
     columns, rows = np.arange(160)[None, :], np.arange(96)[:, None]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=24)
-        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        pts = 0
-        for i, gap in enumerate(gaps_ms):
-            image = np.zeros((96, 160, 3), np.uint8)
-            image[..., 0] = (columns * 3 + i * 4) % 256
-            image[..., 1] = rows * 2
-            if i >= len(gaps_ms) // 2:
-                image[..., 0], image[..., 2] = 255 - image[..., 0], 200
-            x = (i * 5) % 140
-            image[10:30, x : x + 20] = 255
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts, frame.time_base = pts, Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-            pts += gap
-        container.mux(stream.encode())
-    return path
+    for i in range(num_frames):
+        image = np.zeros((96, 160, 3), np.uint8)
+        image[..., 0] = (columns * 3 + i * 4) % 256
+        image[..., 1] = rows * 2
+        if i >= num_frames // 2:
+            image[..., 0], image[..., 2] = 255 - image[..., 0], 200
+        x = (i * 5) % 140
+        image[10:30, x : x + 20] = 255
+        yield image
 
 
 def test_clip_times_are_the_frames_timestamps_at_a_variable_frame_rate(tmp_path: Path) -> None:
@@ -263,7 +249,9 @@ def test_clip_times_are_the_frames_timestamps_at_a_variable_frame_rate(tmp_path:
     import av
 
     gaps = [90 if i % 3 == 0 else 20 for i in range(120)]
-    path = _write_vfr_video(tmp_path / "vfr.mkv", gaps)
+    path = samples.write_video(
+        tmp_path / "vfr.mkv", _ramps_with_a_cut(len(gaps)), fps=24, frame_gaps_ms=gaps
+    )
     with av.open(str(path)) as container:
         times = [float(f.time) for f in container.decode(video=0)]
     cfg = _config("probe,split", "split.min_clip_s=1.0")
