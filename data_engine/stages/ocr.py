@@ -15,7 +15,9 @@ recognition runs only on the frame with the largest text area, since it costs ~2
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any, ClassVar
@@ -39,7 +41,7 @@ class OcrConfig:
     det_box_threshold: float = 0.5  # minimum detector confidence for a text box (0..1)
     text_score_threshold: float = 0.5  # minimum recogniser confidence to keep a string (0..1)
     text_max_chars: int = 200  # `ocr_text` is cut to this many characters
-    num_threads: int = 0  # onnxruntime intra-op threads (0 = its default: all cores)
+    num_threads: int = 0  # onnxruntime intra-op threads (0 = the actor's Ray CPUs, rounded up)
 
     def __post_init__(self) -> None:
         if self.num_frames < 0:
@@ -71,6 +73,24 @@ def text_area_fraction(boxes: np.ndarray | None, height: int, width: int) -> flo
         polygon = np.round(np.asarray(box)).astype(np.int32).reshape(-1, 1, 2)
         cv2.fillPoly(mask, [polygon], 1)
     return float(mask.mean())
+
+
+def actor_threads() -> int:
+    """The CPUs Ray reserved for this worker, rounded up (1 outside Ray).
+
+    onnxruntime's default pool has a spinning thread per core and ignores Ray's reservation:
+    on 2 cores, beside two decode tasks, that made `+ocr` cost 1.45-1.50x against 1.21-1.27x
+    with one thread (16 files, docs/design-notes.md "Curation speed").
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except AssertionError:  # Ray's answer in a driver, which has no reservation
+        return 1
+    return max(1, math.ceil(cpus))
 
 
 class OcrScorer:
@@ -170,7 +190,10 @@ class OcrStage(Stage):
         return OcrScorer.output_schema
 
     def setup(self) -> None:
-        self.scorer = OcrScorer(self.cfg.ocr)
+        cfg = self.cfg.ocr
+        if not cfg.num_threads:
+            cfg = dataclasses.replace(cfg, num_threads=actor_threads())
+        self.scorer = OcrScorer(cfg)
 
     def __call__(self, batch: list[ClipInput]) -> list[dict[str, Any]]:
         return score_frames_or_each(batch, self.scorer.score_clips)

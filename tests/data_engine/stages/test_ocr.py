@@ -89,3 +89,17 @@ def test_config_validation():
         OcrConfig(det_box_threshold=1.5)
     with pytest.raises(ValueError, match=r"ocr\.num_frames"):
         OcrConfig(num_frames=-2)
+
+
+def test_auto_threads_follow_the_actors_ray_cpus(ray_session):
+    """`ocr.num_threads: 0` gives onnxruntime the CPUs Ray reserved for the actor, rounded up,
+    instead of its default pool of one spinning thread per core."""
+    from data_engine.stages.ocr import actor_threads
+
+    @ray_session.remote
+    def threads() -> int:
+        return actor_threads()
+
+    assert actor_threads() == 1  # the driver reserves nothing
+    assert ray_session.get(threads.options(num_cpus=0.5).remote()) == 1
+    assert ray_session.get(threads.options(num_cpus=2).remote()) == 2
