@@ -108,8 +108,7 @@ def timed(command: list[str], **kwargs) -> tuple[float, int, float]:
 def two_at_a_time(commands: list[list[str]]) -> float:
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        for _ in pool.map(timed, commands):
-            pass
+        list(pool.map(timed, commands))
     return time.perf_counter() - start
 
 
@@ -152,18 +151,13 @@ def main() -> None:
         )
 
         scenedetect = [str(BIN / "scenedetect")]
-        peaks: list[int] = []
+        peaks: dict[str, list[int]] = {"ours": [], "ocr": []}
         cpu: dict[str, list[float]] = {"ours": [], "ocr": []}
 
-        def ours() -> float:
-            wall, peak, cpu_s = curate(videos, work, "probe,split,motion,clarity")
-            peaks.append(peak)
-            cpu["ours"].append(cpu_s)
-            return wall
-
-        def ocr() -> float:
-            wall, _, cpu_s = curate(videos, work, "probe,split,motion,clarity,ocr")
-            cpu["ocr"].append(cpu_s)
+        def stiv(name: str, stages: str) -> float:
+            wall, peak, cpu_s = curate(videos, work, stages)
+            peaks[name].append(peak)
+            cpu[name].append(cpu_s)
             return wall
 
         measures: dict[str, Callable[[], float]] = {
@@ -175,8 +169,8 @@ def main() -> None:
             "floor": lambda: two_at_a_time(
                 [[sys.executable, "-c", DECODE_ONLY, str(f)] for f in files]
             ),
-            "ours": ours,
-            "ocr": ocr,
+            "ours": lambda: stiv("ours", "probe,split,motion,clarity"),
+            "ocr": lambda: stiv("ocr", "probe,split,motion,clarity,ocr"),
         }  # fmt: skip
         # This machine's speed drifts by 20% and more between minutes: every round times every
         # measure once, in turn, and each figure is its best round.
@@ -188,7 +182,7 @@ def main() -> None:
                 f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items())
             )
         cli_s, decode_s, floor_s, ours_s, ocr_s = (min(walls[k]) for k in measures)
-        ours_mem = max(peaks)
+        ours_mem = max(peaks["ours"])
 
         print(f"PySceneDetect CLI, 2 at a time (split only):  {cli_s:7.1f} s")
         print(f"PyAV decode to RGB, 2 at a time:              {decode_s:7.1f} s")
