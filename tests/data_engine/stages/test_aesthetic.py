@@ -70,7 +70,11 @@ def test_scorer_is_the_mean_of_per_frame_head_outputs(tiny_clip_cfg, tiny_head_p
     emb = encode_frame_stacks(scorer.model, scorer.preprocess, [picked], batch_size=8)[0]
     expected = scorer.head(torch.from_numpy(emb)).mean().item()
     assert rows[0]["aesthetic_score"] == pytest.approx(expected, abs=1e-5)
-    assert scorer.score_clips([make_clip(frames)])[0] == rows[0]  # deterministic
+    # Deterministic: the same batch scores the same. A clip scored in a batch of its own may
+    # differ in the last float bits (the matmul kernels depend on the batch shape).
+    assert scorer.score_clips([make_clip(frames), make_clip(frames[:2])]) == rows
+    alone = scorer.score_clips([make_clip(frames)])[0]
+    assert alone["aesthetic_score"] == pytest.approx(rows[0]["aesthetic_score"], abs=1e-6)
 
     prov = json.loads(rows[0]["aesthetic_provenance"])
     assert prov["seeded_test_weights"] is True  # never passes for a real aesthetic score
